@@ -1,0 +1,259 @@
+"""
+Configuration: the INI file read at start-up, validated into frozen values.
+
+Every key has a default that is safe on a shared machine (listeners on 127.0.0.1, lossless
+coding). A bad value stops start-up with a :class:`ConfigError` that names the section and
+the key, so an operator knows exactly which line to fix. Relative paths resolve against the
+folder of the config file, not the working directory of the process.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import attrs
+
+from imageshare.endpoints import EndpointError, parse_dicom_endpoint
+
+T = TypeVar("T")
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong."""
+
+    def __init__(self, section: str, key: str, message: str) -> None:
+        super().__init__(f"[{section}] {key}: {message}")
+        self.section = section
+        self.key = key
+
+
+@attrs.frozen
+class StorageConfig:
+    data_dir: Path
+
+
+@attrs.frozen
+class DicomConfig:
+    ae_title: str
+    listen: str
+    allowed_calling_aets: tuple[str, ...]
+    max_pdu: int
+    max_associations: int
+    acse_timeout: float
+    dimse_timeout: float
+    network_timeout: float
+
+
+@attrs.frozen
+class HttpConfig:
+    listen: str
+    public_url: str
+    request_log: bool
+
+
+@attrs.frozen
+class TranscodeConfig:
+    workers: int
+    openjpeg_threads: int
+    lossless: bool
+    layer_rates: tuple[float, ...]
+    precinct_size: int
+    max_queue: int
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration, as read from one INI file."""
+
+    path: Path | None
+    storage: StorageConfig
+    dicom: DicomConfig
+    http: HttpConfig
+    transcode: TranscodeConfig
+
+
+# -- value parsers: each raises ValueError with a message fit for an operator ---------------
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 86400:
+        raise ValueError(f"must be more than 0 and at most 86400 seconds, got {text}")
+    return value
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
+
+
+def _ae_title(text: str) -> str:
+    title = text.strip()
+    if not _AE_TITLE.match(title) or not title.strip():
+        raise ValueError(f"not a valid AE title (1-16 printable characters, no backslash): {text!r}")
+    return title
+
+
+def _ae_list(text: str) -> tuple[str, ...]:
+    items = [t for t in re.split(r"[,\s]+", text.strip()) if t]
+    return tuple(_ae_title(t) for t in items)
+
+
+def _http_endpoint(text: str) -> str:
+    # The full check happens when Twisted builds the endpoint; here we only refuse what
+    # can never work, so that the message names the key.
+    if not re.match(r"^(tcp|tcp6|ssl|unix):", text.strip()):
+        raise ValueError(f"expected a strports endpoint such as tcp:8080:interface=127.0.0.1, got {text!r}")
+    return text.strip()
+
+
+def _dicom_endpoint(text: str) -> str:
+    try:
+        parse_dicom_endpoint(text)
+    except EndpointError as e:
+        raise ValueError(str(e)) from None
+    return text.strip()
+
+
+def _public_url(text: str) -> str:
+    url = text.strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", url):
+        raise ValueError(f"expected an absolute http(s) URL without query, got {text!r}")
+    return url
+
+
+def _layer_rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated compression ratios, got {text!r}") from None
+    if len(rates) < 3:
+        raise ValueError("at least 3 quality layers are needed")
+    head = rates[:-1]
+    if any(r <= 1 for r in head) or any(a <= b for a, b in zip(head, head[1:])):
+        raise ValueError("ratios must be above 1 and strictly decreasing, e.g. 80,40,20,10,1")
+    if rates[-1] < 0 or (len(head) and rates[-1] >= head[-1]):
+        raise ValueError("the last ratio must be the smallest (1 or 0 means lossless)")
+    return rates
+
+
+class _Reader:
+    """Reads keys, remembering which ones were used so that typos are reported."""
+
+    def __init__(self, parser: configparser.ConfigParser, base: Path) -> None:
+        self._parser = parser
+        self._base = base
+        self.used: set[tuple[str, str]] = set()
+
+    def get(self, section: str, key: str, default: str, parse: Callable[[str], T]) -> T:
+        self.used.add((section, key))
+        raw = self._parser.get(section, key, fallback=default)
+        try:
+            return parse(raw)
+        except ValueError as e:
+            raise ConfigError(section, key, str(e)) from None
+
+    def path(self, section: str, key: str, default: str) -> Path:
+        def parse(text: str) -> Path:
+            if not text.strip():
+                raise ValueError("must not be empty")
+            p = Path(os.path.expanduser(text.strip()))
+            return p if p.is_absolute() else (self._base / p)
+
+        return self.get(section, key, default, parse)
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """
+    Read and validate a configuration file.
+
+    Parameters
+    ----------
+    path
+        The INI file; ``None`` gives the embedded defaults, with paths relative to the
+        current directory.
+
+    Raises
+    ------
+    ConfigError
+        For an unreadable file, an unknown section or key, or a bad value.
+    """
+    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
+    base = Path.cwd()
+    if path is not None:
+        file = Path(path)
+        try:
+            with open(file, encoding="utf-8") as f:
+                parser.read_file(f)
+        except OSError as e:
+            raise ConfigError("-", "-", f"cannot read {file}: {e.strerror}") from None
+        except configparser.Error as e:
+            raise ConfigError("-", "-", f"{file} is not a valid INI file: {e}") from None
+        base = file.resolve().parent
+    r = _Reader(parser, base)
+
+    config = Config(
+        path=Path(path).resolve() if path is not None else None,
+        storage=StorageConfig(data_dir=r.path("storage", "data_dir", "var")),
+        dicom=DicomConfig(
+            ae_title=r.get("dicom", "ae_title", "IMAGESHARE", _ae_title),
+            listen=r.get("dicom", "listen", "tcp:11112:interface=127.0.0.1", _dicom_endpoint),
+            allowed_calling_aets=r.get("dicom", "allowed_calling_aets", "", _ae_list),
+            max_pdu=r.get("dicom", "max_pdu", "262144", _int_range(0, 2**31 - 1)),
+            max_associations=r.get("dicom", "max_associations", "16", _int_range(1, 1000)),
+            acse_timeout=r.get("dicom", "acse_timeout", "30", _seconds),
+            dimse_timeout=r.get("dicom", "dimse_timeout", "60", _seconds),
+            network_timeout=r.get("dicom", "network_timeout", "60", _seconds),
+        ),
+        http=HttpConfig(
+            listen=r.get("http", "listen", "tcp:8080:interface=127.0.0.1", _http_endpoint),
+            public_url=r.get("http", "public_url", "http://127.0.0.1:8080", _public_url),
+            request_log=r.get("http", "request_log", "no", _bool),
+        ),
+        transcode=TranscodeConfig(
+            workers=r.get("transcode", "workers", "2", _int_range(1, 64)),
+            openjpeg_threads=r.get("transcode", "openjpeg_threads", "1", _int_range(1, 64)),
+            lossless=r.get("transcode", "lossless", "yes", _bool),
+            layer_rates=r.get("transcode", "layer_rates", "80,40,20,10,1", _layer_rates),
+            precinct_size=r.get("transcode", "precinct_size", "128", _precinct),
+            max_queue=r.get("transcode", "max_queue", "1024", _int_range(1, 1_000_000)),
+        ),
+    )
+    for section in parser.sections():
+        for key in parser.options(section):
+            if (section, key) not in r.used:
+                raise ConfigError(section, key, "unknown key (misspelt?)")
+    return config
+
+
+def _precinct(text: str) -> int:
+    value = _int_range(4, 32768)(text)
+    if value & (value - 1):
+        raise ValueError(f"must be a power of two, got {value}")
+    return value
