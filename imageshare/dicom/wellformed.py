@@ -1,0 +1,163 @@
+"""
+Structural check of an encoded DICOM data set, before anything is stored.
+
+pydicom reads a truncated data set without complaint (a value shorter than its length is
+returned as it is), so a C-STORE whose data set was cut off would be acknowledged and
+archived broken. This walker follows the element structure (explicit or implicit VR,
+either byte order, nested sequences and encapsulated pixel data) and raises
+:class:`MalformedDataset` if any length runs past the end, a delimiter is missing or
+bytes are left over. It only reads tags and lengths, so it costs little next to receiving
+the data. Pure: bytes in, exception or ``None`` out.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQ_END = 0xFFFEE0DD
+# Explicit VRs whose length field is 4 bytes after 2 reserved bytes (PS3.5 7.1.2).
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_MAX_DEPTH = 64
+_MAX_INFLATED = 1 << 34  # 16 GiB: refuse deflate bombs
+
+
+class MalformedDataset(ValueError):
+    """The encoded data set is truncated or structurally invalid."""
+
+
+def inflate(data: bytes) -> bytes:
+    """Inflate a Deflated Explicit VR Little Endian data set (raw deflate, PS3.5 A.5)."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = d.decompress(data, _MAX_INFLATED)
+        out += d.flush()
+    except zlib.error as e:
+        raise MalformedDataset(f"deflate stream is corrupt: {e}") from None
+    if not d.eof:
+        raise MalformedDataset("deflate stream is truncated or too large")
+    return out
+
+
+class _Walker:
+    def __init__(self, data: bytes, implicit: bool, little: bool) -> None:
+        self.data = memoryview(data)
+        self.end = len(data)
+        self.implicit = implicit
+        self.e = "<" if little else ">"
+
+    def header(self, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+        """Return (tag, vr, length, value offset) of the element at ``pos``."""
+        if pos + 8 > self.end:
+            raise MalformedDataset(f"element header truncated at offset {pos}")
+        group, elem = struct.unpack_from(self.e + "HH", self.data, pos)
+        tag = group << 16 | elem
+        if group == 0xFFFE:  # items and delimiters: always tag + 4-byte length, no VR
+            (length,) = struct.unpack_from(self.e + "L", self.data, pos + 4)
+            return tag, None, length, pos + 8
+        if implicit:
+            (length,) = struct.unpack_from(self.e + "L", self.data, pos + 4)
+            return tag, None, length, pos + 8
+        vr = bytes(self.data[pos + 4 : pos + 6])
+        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            raise MalformedDataset(f"invalid VR {vr!r} at offset {pos}")
+        if vr in _LONG_VRS:
+            if pos + 12 > self.end:
+                raise MalformedDataset(f"element header truncated at offset {pos}")
+            (length,) = struct.unpack_from(self.e + "L", self.data, pos + 8)
+            return tag, vr, length, pos + 12
+        (length,) = struct.unpack_from(self.e + "H", self.data, pos + 6)
+        return tag, vr, length, pos + 8
+
+    def dataset(self, pos: int, stop: int, depth: int, until_item_end: bool) -> int:
+        """Walk elements from ``pos``; return the offset after the last one."""
+        if depth > _MAX_DEPTH:
+            raise MalformedDataset("sequences nested too deeply")
+        while pos < stop:
+            tag, vr, length, value = self.header(pos, self.implicit)
+            if tag == _ITEM_END:
+                if not until_item_end:
+                    raise MalformedDataset(f"unexpected item delimiter at offset {pos}")
+                return value
+            if tag in (_ITEM, _SEQ_END):
+                raise MalformedDataset(f"unexpected item tag at offset {pos}")
+            if length == _UNDEFINED:
+                if tag == 0x7FE00010 or vr in (b"OB", b"OW"):
+                    pos = self.fragments(value, depth)
+                elif vr in (None, b"SQ", b"UN"):
+                    # Implicit VR or UN with undefined length is a sequence (PS3.5 6.2.2).
+                    pos = self.sequence(value, depth + 1)
+                else:
+                    raise MalformedDataset(f"undefined length on VR {vr!r} at offset {pos}")
+            else:
+                if value + length > stop:
+                    raise MalformedDataset(
+                        f"value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end "
+                        f"({length} bytes at offset {value}, {stop - value} left)"
+                    )
+                if vr == b"SQ" and length:
+                    end = self.sequence_defined(value, value + length, depth + 1)
+                    if end != value + length:
+                        raise MalformedDataset(f"sequence length mismatch at offset {pos}")
+                pos = value + length
+        if until_item_end:
+            raise MalformedDataset("item delimiter missing")
+        if pos != stop:
+            raise MalformedDataset(f"element overruns its container at offset {pos}")
+        return pos
+
+    def sequence(self, pos: int, depth: int) -> int:
+        while True:
+            tag, _, length, value = self.header(pos, True)
+            if tag == _SEQ_END:
+                return value
+            if tag != _ITEM:
+                raise MalformedDataset(f"expected an item at offset {pos}")
+            if length == _UNDEFINED:
+                pos = self.dataset(value, self.end, depth, until_item_end=True)
+            else:
+                if value + length > self.end:
+                    raise MalformedDataset(f"item runs past the end at offset {pos}")
+                self.dataset(value, value + length, depth, until_item_end=False)
+                pos = value + length
+
+    def sequence_defined(self, pos: int, stop: int, depth: int) -> int:
+        while pos < stop:
+            tag, _, length, value = self.header(pos, True)
+            if tag != _ITEM:
+                raise MalformedDataset(f"expected an item at offset {pos}")
+            if length == _UNDEFINED:
+                pos = self.dataset(value, stop, depth, until_item_end=True)
+            else:
+                if value + length > stop:
+                    raise MalformedDataset(f"item runs past its sequence at offset {pos}")
+                self.dataset(value, value + length, depth, until_item_end=False)
+                pos = value + length
+        return pos
+
+    def fragments(self, pos: int, depth: int) -> int:
+        while True:
+            tag, _, length, value = self.header(pos, True)
+            if tag == _SEQ_END:
+                return value
+            if tag != _ITEM or length == _UNDEFINED:
+                raise MalformedDataset(f"bad fragment item at offset {pos}")
+            if value + length > self.end:
+                raise MalformedDataset(f"pixel data fragment runs past the end at offset {pos}")
+            pos = value + length
+
+
+def check_dataset(data: bytes, *, implicit_vr: bool, little_endian: bool) -> None:
+    """
+    Raise :class:`MalformedDataset` unless ``data`` is a complete, well-formed data set.
+
+    ``data`` is the data set as encoded on the wire, without preamble or file meta
+    information, already inflated for the deflated transfer syntax.
+    """
+    if not data:
+        raise MalformedDataset("the data set is empty")
+    walker = _Walker(data, implicit_vr, little_endian)
+    walker.dataset(0, len(data), 0, until_item_end=False)
