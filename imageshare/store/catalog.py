@@ -1,0 +1,287 @@
+"""
+The catalog in SQLite: one file in the data directory, WAL mode, durable commits.
+
+Thread model: each thread gets its own connection (SQLite connections are not meant to be
+shared between threads), all opened in WAL mode so that readers (status, queries) never
+wait for the writer. Writes use ``BEGIN IMMEDIATE`` so that concurrent writers queue on
+SQLite's lock (busy timeout) instead of failing half-way. ``synchronous=FULL`` makes a
+commit durable before it returns: the C-STORE response is sent only after that.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+from zope.interface import implementer
+
+from imageshare.interfaces import ICatalog
+from imageshare.store.records import Counts, FrameRecord, InstanceRecord, InstanceRow, State
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS patients (
+    pk INTEGER PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL,
+    patient_name TEXT NOT NULL,
+    patient_birth_date TEXT NOT NULL,
+    patient_sex TEXT NOT NULL,
+    UNIQUE (patient_id, issuer_of_patient_id)
+);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    patient_pk INTEGER NOT NULL REFERENCES patients(pk),
+    study_date TEXT NOT NULL,
+    study_time TEXT NOT NULL,
+    accession_number TEXT NOT NULL,
+    study_id TEXT NOT NULL,
+    study_description TEXT NOT NULL,
+    referring_physician_name TEXT NOT NULL,
+    specific_character_set TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_pk);
+CREATE INDEX IF NOT EXISTS studies_date ON studies(study_date);
+CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession_number);
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    series_number INTEGER,
+    series_description TEXT NOT NULL,
+    body_part_examined TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_instance_uid);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_instance_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    instance_number INTEGER,
+    content_date TEXT NOT NULL,
+    content_time TEXT NOT NULL,
+    rows INTEGER,
+    columns INTEGER,
+    number_of_frames INTEGER,
+    bits_allocated INTEGER,
+    bits_stored INTEGER,
+    samples_per_pixel INTEGER,
+    photometric_interpretation TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    incoming TEXT,
+    calling_aet TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_state ON instances(state, received_at);
+CREATE TABLE IF NOT EXISTS frames (
+    sop_instance_uid TEXT NOT NULL REFERENCES instances(sop_instance_uid) ON DELETE CASCADE,
+    frame_number INTEGER NOT NULL,
+    codestream_path TEXT NOT NULL,
+    codestream_size INTEGER NOT NULL,
+    index_path TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    components INTEGER NOT NULL,
+    precision INTEGER NOT NULL,
+    signed INTEGER NOT NULL,
+    PRIMARY KEY (sop_instance_uid, frame_number)
+);
+"""
+
+
+class CatalogError(Exception):
+    """The catalog cannot be opened or is of an unknown version."""
+
+
+@implementer(ICatalog)
+class SqliteCatalog:
+    """:class:`ICatalog` on an SQLite file."""
+
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
+        self._path = path
+        self._busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
+        conn = self._conn()
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise CatalogError(f"{path} was written by a newer ImageShare (schema {version})")
+        # executescript commits on its own; every statement is idempotent (IF NOT EXISTS).
+        conn.executescript(_SCHEMA)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            with self._lock:
+                if self._closed:
+                    raise CatalogError("the catalog is closed")
+                conn = sqlite3.connect(
+                    self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+                )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def record_instance(
+        self, record: InstanceRecord, *, path: str, size: int, incoming: str, calling_aet: str
+    ) -> int:
+        now = time.time()
+        r = record
+        with self._write() as c:
+            c.execute(
+                "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name, patient_birth_date, patient_sex)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id, issuer_of_patient_id) DO UPDATE SET"
+                " patient_name=excluded.patient_name, patient_birth_date=excluded.patient_birth_date,"
+                " patient_sex=excluded.patient_sex",
+                (r.patient_id, r.issuer_of_patient_id, r.patient_name, r.patient_birth_date, r.patient_sex),
+            )
+            (patient_pk,) = c.execute(
+                "SELECT pk FROM patients WHERE patient_id=? AND issuer_of_patient_id=?",
+                (r.patient_id, r.issuer_of_patient_id),
+            ).fetchone()
+            c.execute(
+                "INSERT INTO studies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (study_instance_uid) DO UPDATE SET"
+                " patient_pk=excluded.patient_pk, study_date=excluded.study_date, study_time=excluded.study_time,"
+                " accession_number=excluded.accession_number, study_id=excluded.study_id,"
+                " study_description=excluded.study_description,"
+                " referring_physician_name=excluded.referring_physician_name,"
+                " specific_character_set=excluded.specific_character_set, updated_at=excluded.updated_at",
+                (r.study_instance_uid, patient_pk, r.study_date, r.study_time, r.accession_number, r.study_id,
+                 r.study_description, r.referring_physician_name, r.specific_character_set, now),
+            )
+            c.execute(
+                "INSERT INTO series VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (series_instance_uid) DO UPDATE SET"
+                " study_instance_uid=excluded.study_instance_uid, modality=excluded.modality,"
+                " series_number=excluded.series_number, series_description=excluded.series_description,"
+                " body_part_examined=excluded.body_part_examined",
+                (r.series_instance_uid, r.study_instance_uid, r.modality, r.series_number,
+                 r.series_description, r.body_part_examined),
+            )
+            row = c.execute(
+                "SELECT generation FROM instances WHERE sop_instance_uid=?", (r.sop_instance_uid,)
+            ).fetchone()
+            generation = (row[0] if row else 0) + 1
+            # A re-sent instance replaces the old one: its frames are stale from now on.
+            c.execute("DELETE FROM frames WHERE sop_instance_uid=?", (r.sop_instance_uid,))
+            c.execute(
+                "INSERT OR REPLACE INTO instances VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                "  COALESCE((SELECT received_at FROM instances WHERE sop_instance_uid=?), ?), ?)",
+                (r.sop_instance_uid, r.series_instance_uid, r.study_instance_uid, r.sop_class_uid,
+                 r.transfer_syntax_uid, r.instance_number, r.content_date, r.content_time, r.rows, r.columns,
+                 r.number_of_frames, r.bits_allocated, r.bits_stored, r.samples_per_pixel,
+                 r.photometric_interpretation, path, size, generation, State.PENDING.value, "", incoming,
+                 calling_aet, r.sop_instance_uid, now, now),
+            )
+        return generation
+
+    def get_instance(self, sop_instance_uid: str) -> InstanceRow | None:
+        row = self._conn().execute(
+            "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,"
+            " transfer_syntax_uid, path, size, generation, state, reason, incoming"
+            " FROM instances WHERE sop_instance_uid=?",
+            (sop_instance_uid,),
+        ).fetchone()
+        if row is None:
+            return None
+        return InstanceRow(*row[:8], State(row[8]), *row[9:])  # type: ignore[misc]
+
+    def pending(self, limit: int, exclude: Iterable[str] = ()) -> list[str]:
+        skip = set(exclude)
+        rows = self._conn().execute(
+            "SELECT sop_instance_uid FROM instances WHERE state=? ORDER BY received_at LIMIT ?",
+            (State.PENDING.value, limit + len(skip)),
+        )
+        return [uid for (uid,) in rows if uid not in skip][:limit]
+
+    def complete(
+        self,
+        sop_instance_uid: str,
+        generation: int,
+        state: State,
+        reason: str,
+        frames: Sequence[FrameRecord],
+    ) -> bool:
+        with self._write() as c:
+            cur = c.execute(
+                "UPDATE instances SET state=?, reason=?, updated_at=? WHERE sop_instance_uid=? AND generation=?",
+                (state.value, reason, time.time(), sop_instance_uid, generation),
+            )
+            if cur.rowcount != 1:
+                return False
+            c.execute("DELETE FROM frames WHERE sop_instance_uid=?", (sop_instance_uid,))
+            c.executemany(
+                "INSERT INTO frames VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (sop_instance_uid, f.frame_number, f.codestream_path, f.codestream_size, f.index_path,
+                     f.width, f.height, f.components, f.precision, int(f.signed))
+                    for f in frames
+                ],
+            )
+        return True
+
+    def frames(self, sop_instance_uid: str) -> list[FrameRecord]:
+        rows = self._conn().execute(
+            "SELECT frame_number, codestream_path, codestream_size, index_path, width, height, components,"
+            " precision, signed FROM frames WHERE sop_instance_uid=? ORDER BY frame_number",
+            (sop_instance_uid,),
+        ).fetchall()
+        return [FrameRecord(*row[:8], bool(row[8])) for row in rows]  # type: ignore[misc]
+
+    def counts(self) -> Counts:
+        c = self._conn()
+        by_state = dict(c.execute("SELECT state, COUNT(*) FROM instances GROUP BY state").fetchall())
+        return Counts(
+            instances=sum(by_state.values()),
+            frames=c.execute("SELECT COUNT(*) FROM frames").fetchone()[0],
+            transcode_pending=by_state.get(State.PENDING.value, 0),
+            transcode_failed=by_state.get(State.FAILED.value, 0),
+            not_streamable=by_state.get(State.NOT_STREAMABLE.value, 0),
+            streamable=by_state.get(State.STREAMABLE.value, 0),
+            not_image=by_state.get(State.NOT_IMAGE.value, 0),
+            studies=c.execute("SELECT COUNT(*) FROM studies").fetchone()[0],
+            series=c.execute("SELECT COUNT(*) FROM series").fetchone()[0],
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            try:
+                conn.close()
+            except sqlite3.ProgrammingError:
+                # Made in another thread that is still alive; SQLite closes it with the process.
+                pass

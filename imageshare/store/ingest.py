@@ -1,0 +1,184 @@
+"""
+Receiving one instance: check it, archive it durably, record it in the catalog.
+
+:meth:`Ingestor.store` blocks and is thread-safe: the DICOM listener calls it from
+pynetdicom's association threads, which are already off the reactor, so the file writes
+and the catalog commit happen right there (style.md 4.1). When it returns, the instance is
+on disk, fsynced, published and committed; only then may the C-STORE be acknowledged.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import attrs
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from imageshare.dicom.attributes import extract
+from imageshare.dicom.uids import is_valid_uid
+from imageshare.dicom.wellformed import MalformedDataset, check_dataset, inflate
+from imageshare.interfaces import ICatalog
+from imageshare.store.archive import Archive
+from imageshare.store.records import InstanceRecord
+
+# DICOM C-STORE failure statuses (PS3.4 Table B.2-1).
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1489.1.1")
+IMPLEMENTATION_VERSION_NAME = "IMAGESHARE_01"
+
+
+class IngestError(Exception):
+    """The instance was not stored; ``status`` and ``comment`` go back to the sender."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment[:64]  # Error Comment is LO: 64 characters at most
+
+
+@attrs.frozen
+class Stored:
+    record: InstanceRecord
+    generation: int
+    path: str
+    size: int
+
+
+def _stop_at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+    return tag >= 0x7FE00010
+
+
+class Ingestor:
+    """Checks, archives and catalogs received instances."""
+
+    def __init__(self, archive: Archive, catalog: ICatalog, *, stripes: int = 64) -> None:
+        self._archive = archive
+        self._catalog = catalog
+        # Two associations sending the same instance at once must publish in the order
+        # they committed, or the file and the catalog would disagree: lock per UID stripe.
+        self._locks = [threading.Lock() for _ in range(stripes)]
+
+    def parse(self, dataset: bytes, transfer_syntax: str) -> Dataset:
+        """Check the encoding of a received data set and read its attributes (no pixels).
+
+        Raises
+        ------
+        IngestError
+            When the data set is truncated, malformed or cannot be read.
+        """
+        ts = UID(transfer_syntax)
+        if not ts.is_transfer_syntax:
+            raise IngestError(CANNOT_UNDERSTAND, f"unknown transfer syntax {transfer_syntax}")
+        plain = dataset
+        try:
+            if ts == DeflatedExplicitVRLittleEndian:
+                plain = inflate(dataset)
+            check_dataset(plain, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian)
+        except MalformedDataset as e:
+            raise IngestError(CANNOT_UNDERSTAND, f"malformed data set: {e}") from None
+        try:
+            ds = read_dataset(
+                io.BytesIO(plain),
+                ts.is_implicit_VR,
+                ts.is_little_endian,
+                stop_when=_stop_at_pixel_data,
+            )
+        except Exception as e:  # pydicom raises many kinds; all mean "cannot parse"
+            raise IngestError(CANNOT_UNDERSTAND, f"cannot parse data set: {type(e).__name__}") from None
+        return ds
+
+    def store(
+        self,
+        dataset: bytes,
+        *,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        calling_aet: str,
+    ) -> Stored:
+        """
+        Store one received instance durably.
+
+        Parameters
+        ----------
+        dataset
+            The data set as received (negotiated transfer syntax, no file meta).
+        transfer_syntax, sop_class_uid, sop_instance_uid
+            From the presentation context and the C-STORE request.
+        calling_aet
+            The sender, recorded with the instance.
+
+        Raises
+        ------
+        IngestError
+            Nothing was stored; the status and comment say why.
+        """
+        ds = self.parse(dataset, transfer_syntax)
+        record = extract(ds, transfer_syntax_uid=str(transfer_syntax))
+        if not record.sop_instance_uid:
+            raise IngestError(CANNOT_UNDERSTAND, "data set has no SOP Instance UID")
+        for name, value in (
+            ("SOP Instance UID", record.sop_instance_uid),
+            ("SOP Class UID", record.sop_class_uid),
+            ("Study Instance UID", record.study_instance_uid),
+            ("Series Instance UID", record.series_instance_uid),
+        ):
+            if not is_valid_uid(value):
+                raise IngestError(CANNOT_UNDERSTAND, f"missing or invalid {name}")
+        if record.sop_instance_uid != sop_instance_uid:
+            raise IngestError(CANNOT_UNDERSTAND, "SOP Instance UID differs from the request's")
+        if record.sop_class_uid != sop_class_uid:
+            raise IngestError(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request's")
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+        meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+        meta.TransferSyntaxUID = UID(transfer_syntax)
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        if calling_aet:
+            meta.SourceApplicationEntityTitle = calling_aet
+        head = io.BytesIO()
+        head.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(head, meta, enforce_standard=True)
+
+        try:
+            incoming = self._archive.write_incoming(sop_instance_uid, (head.getvalue(), dataset))
+        except OSError as e:
+            raise IngestError(OUT_OF_RESOURCES, f"cannot write: {e.strerror}") from None
+        lock = self._locks[hash(sop_instance_uid) % len(self._locks)]
+        with lock:
+            try:
+                generation = self._catalog.record_instance(
+                    record,
+                    path=self._archive.relative_path(sop_instance_uid),
+                    size=incoming.size,
+                    incoming=incoming.name,
+                    calling_aet=calling_aet,
+                )
+            except Exception as e:
+                self._archive.discard(incoming)
+                raise IngestError(OUT_OF_RESOURCES, f"cannot record: {type(e).__name__}") from None
+            try:
+                path = self._archive.publish(incoming)
+            except OSError as e:
+                # Committed but not published: recovery at the next start finishes it.
+                raise IngestError(OUT_OF_RESOURCES, f"cannot publish: {e.strerror}") from None
+        return Stored(record, generation, path, incoming.size)
+
+    def recover(self) -> tuple[int, int]:
+        """Finish or undo what a crash left half-way; return (published, removed)."""
+
+        def incoming_name_of(uid: str) -> str | None:
+            row = self._catalog.get_instance(uid)
+            return row.incoming if row is not None else None
+
+        result = self._archive.recover(incoming_name_of)
+        return len(result.published), len(result.removed)
+
