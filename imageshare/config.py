@@ -225,7 +225,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             ae_title=r.get("dicom", "ae_title", "IMAGESHARE", _ae_title),
             listen=r.get("dicom", "listen", "tcp:11112:interface=127.0.0.1", _dicom_endpoint),
             allowed_calling_aets=r.get("dicom", "allowed_calling_aets", "", _ae_list),
-            max_pdu=r.get("dicom", "max_pdu", "262144", _int_range(0, 2**31 - 1)),
+            max_pdu=r.get("dicom", "max_pdu", "262144", _max_pdu),
             max_associations=r.get("dicom", "max_associations", "16", _int_range(1, 1000)),
             acse_timeout=r.get("dicom", "acse_timeout", "30", _seconds),
             dimse_timeout=r.get("dicom", "dimse_timeout", "60", _seconds),
@@ -250,6 +250,13 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             if (section, key) not in r.used:
                 raise ConfigError(section, key, "unknown key (misspelt?)")
     return config
+
+
+def _max_pdu(text: str) -> int:
+    value = _int_range(0, 2**32 - 1)(text)
+    if 0 < value < 64:
+        raise ValueError(f"must be 0 (no limit) or at least 64 bytes, got {value}")
+    return value
 
 
 def _precinct(text: str) -> int:

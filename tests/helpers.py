@@ -20,3 +20,55 @@ def wire_dataset(path: str | Path) -> tuple[bytes, UID, str, str]:
         str(ds.SOPClassUID),
         str(ds.SOPInstanceUID),
     )
+
+
+def make_instances(folder: Path, count: int, *, source: str = "CT_small.dcm", seed: str = "t") -> list[Path]:
+    """Copies of a pydicom test image with fresh, deterministic UIDs (one study, one series)."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src = dcmread(sample_file(source))
+    study = generate_uid(entropy_srcs=[seed, "study"])
+    series = generate_uid(entropy_srcs=[seed, "series"])
+    paths = []
+    for i in range(count):
+        src.StudyInstanceUID, src.SeriesInstanceUID = study, series
+        src.SOPInstanceUID = generate_uid(entropy_srcs=[seed, str(i)])
+        src.file_meta.MediaStorageSOPInstanceUID = src.SOPInstanceUID
+        src.InstanceNumber = i + 1
+        path = folder / f"{i:04d}.dcm"
+        src.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def sample_file(name: str) -> Path:
+    """A test file bundled with pydicom; never downloads (CI has no network)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} is not bundled with pydicom"
+    return Path(path)
+
+
+def part10_file(path: Path, dataset: bytes, *, transfer_syntax: str, sop_class_uid: str, sop_instance_uid: str) -> Path:
+    """A Part 10 file whose data set bytes are exactly ``dataset`` (which may be broken).
+
+    pynetdicom sends a file given by path without decoding it, so this is how a test puts
+    truncated or garbage data sets on the wire.
+    """
+    import io
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.10.1489.99"
+    head = io.BytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=True)
+    path.write_bytes(head.getvalue() + dataset)
+    return path

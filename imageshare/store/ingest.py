@@ -10,6 +10,7 @@ on disk, fsynced, published and committed; only then may the C-STORE be acknowle
 from __future__ import annotations
 
 import io
+import re
 import threading
 import attrs
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -39,7 +40,9 @@ class IngestError(Exception):
     def __init__(self, status: int, comment: str) -> None:
         super().__init__(comment)
         self.status = status
-        self.comment = comment[:64]  # Error Comment is LO: 64 characters at most
+        # Error Comment is LO: at most 64 characters, no backslash (the value separator)
+        # and no control characters, whatever the exception text held.
+        self.comment = re.sub(r"[^\x20-\x5b\x5d-\x7e]", "?", comment)[:64]
 
 
 @attrs.frozen

@@ -8,10 +8,10 @@ import zlib
 import pytest
 from hypothesis import given, strategies as st
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
+from tests.helpers import sample_file
 from imageshare.dicom.wellformed import MalformedDataset, check_dataset, inflate
 
 SAMPLES = [
@@ -27,9 +27,9 @@ SAMPLES = [
 
 def encoded(name: str) -> tuple[bytes, UID]:
     """The data set of a test file as it would arrive on the wire (no file meta)."""
-    ds = dcmread(get_testdata_file(name))
+    ds = dcmread(sample_file(name))
     ts = ds.file_meta.TransferSyntaxUID
-    raw = open(get_testdata_file(name), "rb").read()
+    raw = open(sample_file(name), "rb").read()
     # The data set starts right after the file meta group (its length is at 140..143).
     group_length = int.from_bytes(raw[140:144], "little")
     start = 144 + group_length
@@ -105,7 +105,7 @@ def test_empty_and_garbage() -> None:
 
 def test_written_dataset_round_trip() -> None:
     """What pydicom writes (implicit VR, little endian) passes."""
-    ds = dcmread(get_testdata_file("rtplan.dcm"))
+    ds = dcmread(sample_file("rtplan.dcm"))
     fp = io.BytesIO()
     from pydicom.filebase import DicomFileLike
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 
 from imageshare.store.archive import Archive
 from imageshare.store.catalog import SqliteCatalog
@@ -17,7 +16,7 @@ from imageshare.store.ingest import (
     Ingestor,
 )
 from imageshare.store.records import State
-from tests.helpers import wire_dataset
+from tests.helpers import wire_dataset, sample_file
 
 
 @pytest.fixture
@@ -31,11 +30,11 @@ def ingestor(tmp_path: Path):
 def test_store_keeps_the_bytes_and_records(ingestor, name: str) -> None:
     """The archived file is the received data set behind a proper file meta, and it is cataloged."""
     ing, catalog, root = ingestor
-    data, ts, cls, sop = wire_dataset(get_testdata_file(name))
+    data, ts, cls, sop = wire_dataset(sample_file(name))
     stored = ing.store(data, transfer_syntax=ts, sop_class_uid=cls, sop_instance_uid=sop, calling_aet="PACS")
     path = root / "archive" / stored.path
     assert path.read_bytes().endswith(data)
-    original = dcmread(get_testdata_file(name))
+    original = dcmread(sample_file(name))
     archived = dcmread(path)
     assert archived.file_meta.TransferSyntaxUID == ts
     assert archived.file_meta.SourceApplicationEntityTitle == "PACS"
@@ -50,7 +49,7 @@ def test_store_keeps_the_bytes_and_records(ingestor, name: str) -> None:
 def test_resend_replaces(ingestor) -> None:
     """Receiving the same instance again replaces it and bumps the generation."""
     ing, catalog, root = ingestor
-    data, ts, cls, sop = wire_dataset(get_testdata_file("CT_small.dcm"))
+    data, ts, cls, sop = wire_dataset(sample_file("CT_small.dcm"))
     ing.store(data, transfer_syntax=ts, sop_class_uid=cls, sop_instance_uid=sop, calling_aet="A")
     catalog.complete(sop, 1, State.STREAMABLE, "", [])
     again = ing.store(data, transfer_syntax=ts, sop_class_uid=cls, sop_instance_uid=sop, calling_aet="B")
@@ -69,7 +68,7 @@ def _refused(ing: Ingestor, data: bytes, ts: str, cls: str, sop: str) -> IngestE
 def test_refusals_store_nothing(ingestor) -> None:
     """Truncated, garbage, UID-less and mismatched data sets are refused and nothing is kept."""
     ing, catalog, root = ingestor
-    data, ts, cls, sop = wire_dataset(get_testdata_file("CT_small.dcm"))
+    data, ts, cls, sop = wire_dataset(sample_file("CT_small.dcm"))
     cases = [
         (data[: len(data) - 100], ts, cls, sop, CANNOT_UNDERSTAND, "malformed"),
         (b"\x01\x02garbage" * 10, ts, cls, sop, CANNOT_UNDERSTAND, "malformed"),
@@ -94,7 +93,7 @@ def test_missing_sop_instance_uid(ingestor) -> None:
     from pydicom.filewriter import write_dataset
 
     ing, catalog, _ = ingestor
-    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds = dcmread(sample_file("CT_small.dcm"))
     del ds.SOPInstanceUID
     fp = io.BytesIO()
     f = DicomFileLike(fp)
@@ -109,7 +108,7 @@ def test_recover_after_commit_before_publish(ingestor) -> None:
     """A crash between the catalog commit and the rename is finished by recovery."""
     ing, catalog, root = ingestor
     archive = Archive(root / "archive")
-    data, ts, cls, sop = wire_dataset(get_testdata_file("CT_small.dcm"))
+    data, ts, cls, sop = wire_dataset(sample_file("CT_small.dcm"))
     incoming = archive.write_incoming(sop, [b"x" * 10])
     rec = ing.parse(data, ts)
     from imageshare.dicom.attributes import extract

@@ -1,0 +1,182 @@
+"""
+The server as one service tree: catalog, archive, pools, transcoder, HTTP and DICOM.
+
+:func:`make_service` wires the parts from a :class:`~imageshare.config.Config`. Start and
+stop are ordered explicitly rather than left to ``MultiService``, because the order
+matters for durability: on start, crash recovery runs before anything can receive or
+transcode; on stop, the DICOM listener closes first (no new instances), then HTTP, then the
+transcoder and its pools drain, and the catalog closes last.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from pynetdicom import _config as pynetdicom_config
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from imageshare import __version__
+from imageshare.config import Config
+from imageshare.logbridge import bridge_stdlib_logging
+from imageshare.protocols.dicom.bridge import ReactorBridge
+from imageshare.protocols.dicom.handlers import StoreHandler
+from imageshare.protocols.dicom.listener import DicomListenerService
+from imageshare.store.archive import Archive
+from imageshare.store.catalog import SqliteCatalog
+from imageshare.store.ingest import Ingestor, Stored
+from imageshare.transcode.job import TranscodeJob
+from imageshare.transcode.params import EncodeParams
+from imageshare.transcode.service import TranscodeService
+from imageshare.web.root import QuietSite, RootResource
+from imageshare.web.status import StatusResource
+from imageshare.workers import WorkerPoolService
+
+
+class HttpListenerService(StreamServerEndpointService):
+    """An endpoint service that tells, once listening, where it listens."""
+
+    log = Logger(namespace="imageshare.http")
+
+    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
+        super().__init__(endpoint, factory)
+        self.setName("http")
+        self._description = description
+        self.port: IListeningPort | None = None
+        self._listening: list[Deferred[IListeningPort]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._waitingForPort
+        assert d is not None
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            address = port.getHost()
+            self.log.info(
+                "HTTP listening on {host}:{port} ({description})",
+                host=getattr(address, "host", "?"),
+                port=getattr(address, "port", 0),
+                description=self._description,
+            )
+            waiting, self._listening = self._listening, []
+            for w in waiting:
+                w.callback(port)
+            return port
+
+        d.addCallback(listening)
+
+    def when_listening(self) -> Deferred[IListeningPort]:
+        if self.port is not None:
+            return succeed(self.port)
+        d: Deferred[IListeningPort] = Deferred()
+        self._listening.append(d)
+        return d
+
+
+class ImageShareService(MultiService):
+    """The whole server. Children are named: see :func:`make_service`."""
+
+    log = Logger(namespace="imageshare")
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        data_dir = config.storage.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.catalog = SqliteCatalog(data_dir / "catalog.sqlite3")
+        self.archive = Archive(data_dir / "archive")
+        self.ingestor = Ingestor(self.archive, self.catalog)
+        self.bridge = ReactorBridge(reactor)
+        self.stopping = threading.Event()
+        self.started_at = reactor.seconds()
+
+        tc = config.transcode
+        self.db_pool = WorkerPoolService("catalog-pool", 2, reactor)
+        self.transcode_pool = WorkerPoolService("transcode-pool", tc.workers, reactor)
+        params = EncodeParams(
+            lossless=tc.lossless,
+            layer_rates=tc.layer_rates,
+            precinct=tc.precinct_size,
+            threads=tc.openjpeg_threads,
+        )
+        self.job = TranscodeJob(data_dir, self.archive, self.catalog, params, self.stopping)
+        self.transcoder = TranscodeService(
+            self.job, self.catalog, self.transcode_pool, self.db_pool, max_queue=tc.max_queue
+        )
+
+        root = RootResource()
+        root.putChild(
+            b"status",
+            StatusResource(
+                self.catalog,
+                self.db_pool,
+                started=self.started_at,
+                now=reactor.seconds,
+                extra=lambda: {"transcode_queue": self.transcoder.queued},
+            ),
+        )
+        self.root = root
+        site = QuietSite(root, request_log=config.http.request_log)
+        self.http = HttpListenerService(
+            serverFromString(reactor, config.http.listen), site, config.http.public_url
+        )
+        self.dicom = DicomListenerService(
+            config.dicom,
+            StoreHandler(self.ingestor, self.bridge, self._stored),
+            self.bridge,
+            reactor,
+            config_dir=config.path.parent if config.path else None,
+        )
+        for child in (self.db_pool, self.transcode_pool, self.transcoder, self.http, self.dicom):
+            child.setServiceParent(self)
+
+    def _stored(self, stored: Stored) -> None:
+        self.transcoder.enqueue(stored.record.sop_instance_uid)
+
+    def startService(self) -> None:
+        # Settle what a crash left behind before anything receives or transcodes.
+        published, removed = self.ingestor.recover()
+        if published or removed:
+            self.log.warn(
+                "recovered after an unclean stop: {published} instance(s) published, "
+                "{removed} unacknowledged file(s) removed",
+                published=published,
+                removed=removed,
+            )
+        self.log.info("ImageShare {version} starting, data in {data_dir}", version=__version__,
+                      data_dir=str(self.config.storage.data_dir))
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        # Service.stopService (not MultiService's): children are stopped here, in order.
+        self.running = 0
+        self.stopping.set()
+        for child in (self.dicom, self.http, self.transcoder, self.transcode_pool, self.db_pool):
+            if child.running:
+                try:
+                    await maybeDeferred(child.stopService)
+                except Exception:
+                    self.log.failure("stopping {name} failed", name=child.name)
+        self.bridge.stop()
+        self.catalog.close()
+        self.log.info("ImageShare stopped")
+
+
+def make_service(config: Config, reactor: Any) -> ImageShareService:
+    """Build the server; nothing listens until the service starts."""
+    bridge_stdlib_logging(("pynetdicom", "pydicom", "glymur"), logging.WARNING)
+    # Process-wide pynetdicom settings, set once here (never per request). Query
+    # identifiers carry patient names and IDs: keep them out of the log.
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    return ImageShareService(config, reactor)
