@@ -17,8 +17,8 @@ def wire_dataset(path: str | Path) -> tuple[bytes, UID, str, str]:
     return (
         raw[144 + group_length :],
         ds.file_meta.TransferSyntaxUID,
-        str(ds.SOPClassUID),
-        str(ds.SOPInstanceUID),
+        str(ds.get("SOPClassUID", "")),
+        str(ds.get("SOPInstanceUID", "")),
     )
 
 

@@ -29,7 +29,7 @@ class MalformedDataset(ValueError):
     """The encoded data set is truncated or structurally invalid."""
 
 
-def inflate(data: bytes) -> bytes:
+def inflate(data: bytes | memoryview) -> bytes:
     """Inflate a Deflated Explicit VR Little Endian data set (raw deflate, PS3.5 A.5)."""
     d = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
@@ -43,34 +43,33 @@ def inflate(data: bytes) -> bytes:
 
 
 class _Walker:
-    def __init__(self, data: bytes, implicit: bool, little: bool) -> None:
+    def __init__(self, data: bytes | memoryview, implicit: bool, little: bool, wanted: frozenset[int] = frozenset()) -> None:
+        self.wanted = wanted
+        self.found: dict[int, tuple[bytes | None, int, int]] = {}
         self.data = memoryview(data)
         self.end = len(data)
         self.implicit = implicit
-        self.e = "<" if little else ">"
+        e = "<" if little else ">"
+        # Precompiled: this runs once per element of every received instance.
+        self.tag_long = struct.Struct(e + "HHL")  # tag + 4-byte length (implicit VR, items)
+        self.tag_vr_short = struct.Struct(e + "HH2sH")  # explicit VR, 2-byte length
+        self.long = struct.Struct(e + "L")
 
     def header(self, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
         """Return (tag, vr, length, value offset) of the element at ``pos``."""
         if pos + 8 > self.end:
             raise MalformedDataset(f"element header truncated at offset {pos}")
-        group, elem = struct.unpack_from(self.e + "HH", self.data, pos)
+        group, elem, vr, short = self.tag_vr_short.unpack_from(self.data, pos)
         tag = group << 16 | elem
-        if group == 0xFFFE:  # items and delimiters: always tag + 4-byte length, no VR
-            (length,) = struct.unpack_from(self.e + "L", self.data, pos + 4)
-            return tag, None, length, pos + 8
-        if implicit:
-            (length,) = struct.unpack_from(self.e + "L", self.data, pos + 4)
-            return tag, None, length, pos + 8
-        vr = bytes(self.data[pos + 4 : pos + 6])
+        if implicit or group == 0xFFFE:  # items and delimiters never have a VR
+            return tag, None, self.tag_long.unpack_from(self.data, pos)[2], pos + 8
         if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
             raise MalformedDataset(f"invalid VR {vr!r} at offset {pos}")
         if vr in _LONG_VRS:
             if pos + 12 > self.end:
                 raise MalformedDataset(f"element header truncated at offset {pos}")
-            (length,) = struct.unpack_from(self.e + "L", self.data, pos + 8)
-            return tag, vr, length, pos + 12
-        (length,) = struct.unpack_from(self.e + "H", self.data, pos + 6)
-        return tag, vr, length, pos + 8
+            return tag, vr, self.long.unpack_from(self.data, pos + 8)[0], pos + 12
+        return tag, vr, short, pos + 8
 
     def dataset(self, pos: int, stop: int, depth: int, until_item_end: bool) -> int:
         """Walk elements from ``pos``; return the offset after the last one."""
@@ -78,6 +77,8 @@ class _Walker:
             raise MalformedDataset("sequences nested too deeply")
         while pos < stop:
             tag, vr, length, value = self.header(pos, self.implicit)
+            if depth == 0 and tag in self.wanted and length != _UNDEFINED:
+                self.found[tag] = (vr, length, value)
             if tag == _ITEM_END:
                 if not until_item_end:
                     raise MalformedDataset(f"unexpected item delimiter at offset {pos}")
@@ -150,14 +151,24 @@ class _Walker:
             pos = value + length
 
 
-def check_dataset(data: bytes, *, implicit_vr: bool, little_endian: bool) -> None:
+def check_dataset(
+    data: bytes | memoryview, *, implicit_vr: bool, little_endian: bool, wanted: frozenset[int] = frozenset()
+) -> dict[int, tuple[bytes | None, int, int]]:
     """
     Raise :class:`MalformedDataset` unless ``data`` is a complete, well-formed data set.
 
     ``data`` is the data set as encoded on the wire, without preamble or file meta
     information, already inflated for the deflated transfer syntax.
+
+    Returns
+    -------
+    dict
+        For each top-level tag in ``wanted`` that is present with a defined length:
+        ``(VR or None for implicit VR, length, offset of the value)``. Reading just these
+        values is much cheaper than parsing the whole data set.
     """
     if not data:
         raise MalformedDataset("the data set is empty")
-    walker = _Walker(data, implicit_vr, little_endian)
+    walker = _Walker(data, implicit_vr, little_endian, wanted)
     walker.dataset(0, len(data), 0, until_item_end=False)
+    return walker.found

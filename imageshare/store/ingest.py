@@ -9,16 +9,14 @@ on disk, fsynced, published and committed; only then may the C-STORE be acknowle
 
 from __future__ import annotations
 
-import io
 import re
 import threading
+
 import attrs
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from imageshare.dicom.attributes import extract
+from imageshare.dicom.attributes import CATALOG_TAGS, extract_raw
+from imageshare.dicom.filemeta import encode_file_meta
 from imageshare.dicom.uids import is_valid_uid
 from imageshare.dicom.wellformed import MalformedDataset, check_dataset, inflate
 from imageshare.interfaces import ICatalog
@@ -29,9 +27,6 @@ from imageshare.store.records import InstanceRecord
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-
-IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1489.1.1")
-IMPLEMENTATION_VERSION_NAME = "IMAGESHARE_01"
 
 
 class IngestError(Exception):
@@ -53,10 +48,6 @@ class Stored:
     size: int
 
 
-def _stop_at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
-    return tag >= 0x7FE00010
-
-
 class Ingestor:
     """Checks, archives and catalogs received instances."""
 
@@ -67,8 +58,11 @@ class Ingestor:
         # they committed, or the file and the catalog would disagree: lock per UID stripe.
         self._locks = [threading.Lock() for _ in range(stripes)]
 
-    def parse(self, dataset: bytes, transfer_syntax: str) -> Dataset:
-        """Check the encoding of a received data set and read its attributes (no pixels).
+    def parse(self, dataset: bytes | memoryview, transfer_syntax: str) -> InstanceRecord:
+        """Check the encoding of a received data set and read the catalog attributes.
+
+        Only the top-level elements the catalog needs are decoded: the structural check
+        locates them on its way, which costs far less than a full pydicom parse.
 
         Raises
         ------
@@ -82,23 +76,19 @@ class Ingestor:
         try:
             if ts == DeflatedExplicitVRLittleEndian:
                 plain = inflate(dataset)
-            check_dataset(plain, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian)
+            found = check_dataset(
+                plain, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian, wanted=CATALOG_TAGS
+            )
         except MalformedDataset as e:
             raise IngestError(CANNOT_UNDERSTAND, f"malformed data set: {e}") from None
-        try:
-            ds = read_dataset(
-                io.BytesIO(plain),
-                ts.is_implicit_VR,
-                ts.is_little_endian,
-                stop_when=_stop_at_pixel_data,
-            )
-        except Exception as e:  # pydicom raises many kinds; all mean "cannot parse"
-            raise IngestError(CANNOT_UNDERSTAND, f"cannot parse data set: {type(e).__name__}") from None
-        return ds
+        return extract_raw(
+            plain, found, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian,
+            transfer_syntax_uid=str(ts),
+        )
 
     def store(
         self,
-        dataset: bytes,
+        dataset: bytes | memoryview,
         *,
         transfer_syntax: str,
         sop_class_uid: str,
@@ -122,8 +112,7 @@ class Ingestor:
         IngestError
             Nothing was stored; the status and comment say why.
         """
-        ds = self.parse(dataset, transfer_syntax)
-        record = extract(ds, transfer_syntax_uid=str(transfer_syntax))
+        record = self.parse(dataset, transfer_syntax)
         if not record.sop_instance_uid:
             raise IngestError(CANNOT_UNDERSTAND, "data set has no SOP Instance UID")
         for name, value in (
@@ -139,20 +128,14 @@ class Ingestor:
         if record.sop_class_uid != sop_class_uid:
             raise IngestError(DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request's")
 
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-        meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-        meta.TransferSyntaxUID = UID(transfer_syntax)
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        if calling_aet:
-            meta.SourceApplicationEntityTitle = calling_aet
-        head = io.BytesIO()
-        head.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(head, meta, enforce_standard=True)
-
+        head = encode_file_meta(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=str(transfer_syntax),
+            source_aet=calling_aet,
+        )
         try:
-            incoming = self._archive.write_incoming(sop_instance_uid, (head.getvalue(), dataset))
+            incoming = self._archive.write_incoming(sop_instance_uid, (head, dataset))
         except OSError as e:
             raise IngestError(OUT_OF_RESOURCES, f"cannot write: {e.strerror}") from None
         lock = self._locks[hash(sop_instance_uid) % len(self._locks)]

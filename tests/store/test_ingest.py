@@ -31,7 +31,9 @@ def test_store_keeps_the_bytes_and_records(ingestor, name: str) -> None:
     """The archived file is the received data set behind a proper file meta, and it is cataloged."""
     ing, catalog, root = ingestor
     data, ts, cls, sop = wire_dataset(sample_file(name))
-    stored = ing.store(data, transfer_syntax=ts, sop_class_uid=cls, sop_instance_uid=sop, calling_aet="PACS")
+    # The listener hands over a view of pynetdicom's buffer, not bytes.
+    stored = ing.store(memoryview(data), transfer_syntax=ts, sop_class_uid=cls, sop_instance_uid=sop,
+                       calling_aet="PACS")
     path = root / "archive" / stored.path
     assert path.read_bytes().endswith(data)
     original = dcmread(sample_file(name))
@@ -110,11 +112,8 @@ def test_recover_after_commit_before_publish(ingestor) -> None:
     archive = Archive(root / "archive")
     data, ts, cls, sop = wire_dataset(sample_file("CT_small.dcm"))
     incoming = archive.write_incoming(sop, [b"x" * 10])
-    rec = ing.parse(data, ts)
-    from imageshare.dicom.attributes import extract
-
     catalog.record_instance(
-        extract(rec, transfer_syntax_uid=ts), path=archive.relative_path(sop), size=10,
+        ing.parse(data, ts), path=archive.relative_path(sop), size=10,
         incoming=incoming.name, calling_aet="",
     )
     stray = archive.write_incoming("1.2.3.4", [b"y"])
