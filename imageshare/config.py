@@ -65,6 +65,7 @@ class TranscodeConfig:
     layer_rates: tuple[float, ...]
     precinct_size: int
     max_queue: int
+    nice: int
 
 
 @attrs.frozen
@@ -243,6 +244,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             layer_rates=r.get("transcode", "layer_rates", "80,40,20,10,1", _layer_rates),
             precinct_size=r.get("transcode", "precinct_size", "128", _precinct),
             max_queue=r.get("transcode", "max_queue", "1024", _int_range(1, 1_000_000)),
+            nice=r.get("transcode", "nice", "10", _int_range(0, 19)),
         ),
     )
     for section in parser.sections():

@@ -100,7 +100,7 @@ class ImageShareService(MultiService):
 
         tc = config.transcode
         self.db_pool = WorkerPoolService("catalog-pool", 2, reactor)
-        self.transcode_pool = WorkerPoolService("transcode-pool", tc.workers, reactor)
+        self.transcode_pool = WorkerPoolService("transcode-pool", tc.workers, reactor, nice=tc.nice)
         params = EncodeParams(
             lossless=tc.lossless,
             layer_rates=tc.layer_rates,

@@ -60,7 +60,8 @@ class StoreHandler:
         try:
             if self._bridge.stopped:
                 raise IngestError(OUT_OF_RESOURCES, "the server is shutting down")
-            raw = request.DataSet.getvalue() if request.DataSet is not None else b""
+            # A view of pynetdicom's buffer, not a copy: it is only read and written out.
+            raw = request.DataSet.getbuffer() if request.DataSet is not None else memoryview(b"")
             stored = self._ingestor.store(
                 raw,
                 transfer_syntax=str(context.transfer_syntax),
