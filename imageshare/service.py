@@ -15,12 +15,12 @@ import threading
 from typing import Any
 
 from pynetdicom import _config as pynetdicom_config
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imageshare import __version__
 from imageshare.config import Config
@@ -39,45 +39,60 @@ from imageshare.web.status import StatusResource
 from imageshare.workers import WorkerPoolService
 
 
-class HttpListenerService(StreamServerEndpointService):
-    """An endpoint service that tells, once listening, where it listens."""
+class HttpListenerService(Service):
+    """
+    Listens on a Twisted endpoint for the lifetime of the service.
+
+    Unlike ``StreamServerEndpointService`` it fails start-up when the endpoint cannot
+    listen (a port in use must not leave a server running without HTTP), and it tells
+    where it listens, which port 0 in tests needs.
+    """
 
     log = Logger(namespace="imageshare.http")
 
-    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
-        super().__init__(endpoint, factory)
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, description: str) -> None:
         self.setName("http")
+        self._endpoint = endpoint
+        self._factory = factory
         self._description = description
         self.port: IListeningPort | None = None
-        self._listening: list[Deferred[IListeningPort]] = []
+        self._listening: Deferred[IListeningPort] | None = None
 
     def startService(self) -> None:
         super().startService()
-        d = self._waitingForPort
-        assert d is not None
+        failures: list[Failure] = []
+        self._listening = self._endpoint.listen(self._factory)
+        self._listening.addCallbacks(self._listened, failures.append)
+        if failures:  # TCP, SSL and UNIX endpoints fail synchronously
+            failures[0].raiseException()
 
-        def listening(port: IListeningPort) -> IListeningPort:
-            self.port = port
-            address = port.getHost()
-            self.log.info(
-                "HTTP listening on {host}:{port} ({description})",
-                host=getattr(address, "host", "?"),
-                port=getattr(address, "port", 0),
-                description=self._description,
-            )
-            waiting, self._listening = self._listening, []
-            for w in waiting:
-                w.callback(port)
-            return port
-
-        d.addCallback(listening)
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        address = port.getHost()
+        self.log.info(
+            "HTTP listening on {host}:{port} ({description})",
+            host=getattr(address, "host", "?"),
+            port=getattr(address, "port", 0),
+            description=self._description,
+        )
+        return port
 
     def when_listening(self) -> Deferred[IListeningPort]:
+        """Fires with the listening port."""
         if self.port is not None:
             return succeed(self.port)
+        if self._listening is None:
+            raise RuntimeError("the service has not been started")
         d: Deferred[IListeningPort] = Deferred()
-        self._listening.append(d)
+        self._listening.addCallback(lambda port: (d.callback(port), port)[1])
         return d
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return maybeDeferred(port.stopListening)
+        return None
 
 
 class ImageShareService(MultiService):

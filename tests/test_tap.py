@@ -44,3 +44,23 @@ def test_make_service_tree(config_file) -> None:
     names = {s.name for s in service}
     assert {"dicom", "http", "transcoder", "transcode-pool", "catalog-pool"} <= names
     service.catalog.close()
+
+
+def test_http_port_in_use_fails_start(config_file) -> None:
+    """If the HTTP endpoint cannot listen, starting the service raises instead of running without it."""
+    import socket
+
+    from imageshare.config import load
+    from imageshare.service import make_service
+    from twisted.internet import reactor
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        service = make_service(load(config_file(http={"listen": f"tcp:{port}:interface=127.0.0.1"})), reactor)
+        from twisted.internet.error import CannotListenError
+
+        with pytest.raises(CannotListenError):
+            service.http.startService()
+        service.catalog.close()

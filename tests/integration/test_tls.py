@@ -1,0 +1,112 @@
+"""TLS on both listeners: DICOM (with client certificates) and HTTP."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import ssl
+import urllib.request
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from twisted.internet import threads
+
+from tests.helpers import sample_file
+
+pytestmark = pytest.mark.integration
+
+
+def make_cert(folder: Path, name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+              ca: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Write NAME.key and NAME.crt (self-signed when no issuer) and return them."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+    (folder / f"{name}.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_listeners(start_server, tmp_path: Path) -> None:
+    """With ssl: endpoints, DICOM needs a trusted client certificate and HTTP speaks HTTPS."""
+    ca = make_cert(tmp_path, "ca", ca=True)
+    make_cert(tmp_path, "server", issuer=ca)
+    make_cert(tmp_path, "client", issuer=ca)
+    rogue = make_cert(tmp_path, "rogueca", ca=True)
+    make_cert(tmp_path, "rogue", issuer=rogue)
+    server = await start_server(
+        dicom={"listen": f"ssl:0:interface=127.0.0.1:privateKey={tmp_path}/server.key:"
+                         f"certKey={tmp_path}/server.crt:caCerts={tmp_path}/ca.crt"},
+        http={"listen": f"ssl:0:interface=127.0.0.1:privateKey={tmp_path}/server.key:"
+                        f"certKey={tmp_path}/server.crt"},
+    )
+
+    def client_context(name: str) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tmp_path / "ca.crt"))
+        ctx.load_cert_chain(str(tmp_path / f"{name}.crt"), str(tmp_path / f"{name}.key"))
+        return ctx
+
+    def echo(name: str | None) -> bool:
+        ae = AE(ae_title="TLSSCU")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 10
+        tls = (client_context(name), "localhost") if name else None
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="IMAGESHARE", tls_args=tls)
+        ok = assoc.is_established and int(assoc.send_c_echo().Status) == 0
+        if assoc.is_established:
+            assoc.release()
+        return ok
+
+    assert await threads.deferToThread(echo, "client")
+    assert not await threads.deferToThread(echo, "rogue")  # certificate from an unknown CA
+    assert not await threads.deferToThread(echo, None)  # plain TCP on a TLS port
+
+    def store_over_tls() -> int:
+        ae = AE(ae_title="TLSSCU")
+        from pydicom import dcmread
+
+        ds = dcmread(sample_file("CT_small.dcm"))
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="IMAGESHARE",
+                             tls_args=(client_context("client"), "localhost"))
+        status = int(assoc.send_c_store(ds).Status)
+        assoc.release()
+        return status
+
+    assert await threads.deferToThread(store_over_tls) == 0
+    await server.service.transcoder.when_idle()
+
+    def https_status() -> dict[str, int]:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        with urllib.request.urlopen(f"https://localhost:{server.http_port}/status", context=ctx, timeout=10) as r:
+            return json.load(r)  # type: ignore[no-any-return]
+
+    status = await threads.deferToThread(https_status)
+    assert status["instances"] == 1 and status["streamable"] == 1
