@@ -10,8 +10,9 @@ transcoder and its pools drain, and the catalog closes last.
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
+import multiprocessing
 from typing import Any
 
 from pynetdicom import _config as pynetdicom_config
@@ -31,12 +32,13 @@ from imageshare.protocols.dicom.listener import DicomListenerService
 from imageshare.store.archive import Archive
 from imageshare.store.catalog import SqliteCatalog
 from imageshare.store.ingest import Ingestor, Stored
-from imageshare.transcode.job import TranscodeJob
+from imageshare.transcode import worker
+from imageshare.transcode.job import mark_failed
 from imageshare.transcode.params import EncodeParams
 from imageshare.transcode.service import TranscodeService
 from imageshare.web.root import QuietSite, RootResource
 from imageshare.web.status import StatusResource
-from imageshare.workers import WorkerPoolService
+from imageshare.workers import ProcessPoolService, WorkerPoolService
 
 
 class HttpListenerService(Service):
@@ -110,21 +112,32 @@ class ImageShareService(MultiService):
         self.archive = Archive(data_dir / "archive")
         self.ingestor = Ingestor(self.archive, self.catalog)
         self.bridge = ReactorBridge(reactor)
-        self.stopping = threading.Event()
+        # Seen by the worker processes: running jobs stop between frames at shutdown.
+        self.stopping = multiprocessing.get_context("spawn").Event()
         self.started_at = reactor.seconds()
 
         tc = config.transcode
         self.db_pool = WorkerPoolService("catalog-pool", 2, reactor)
-        self.transcode_pool = WorkerPoolService("transcode-pool", tc.workers, reactor, nice=tc.nice)
         params = EncodeParams(
             lossless=tc.lossless,
             layer_rates=tc.layer_rates,
             precinct=tc.precinct_size,
             threads=tc.openjpeg_threads,
         )
-        self.job = TranscodeJob(data_dir, self.archive, self.catalog, params, self.stopping)
+        self.transcode_pool = ProcessPoolService(
+            "transcode-pool",
+            tc.workers,
+            reactor,
+            initializer=worker.initialize,
+            initargs=(str(data_dir), params, tc.nice, self.stopping),
+        )
         self.transcoder = TranscodeService(
-            self.job, self.catalog, self.transcode_pool, self.db_pool, max_queue=tc.max_queue
+            worker.transcode,
+            self.catalog,
+            self.transcode_pool,
+            self.db_pool,
+            max_queue=tc.max_queue,
+            give_up=functools.partial(mark_failed, self.catalog),
         )
 
         root = RootResource()

@@ -1,17 +1,21 @@
-"""Thread pools owned by services: where blocking work runs, never on the reactor."""
+"""Pools owned by services: where blocking work runs, never on the reactor."""
 
 from __future__ import annotations
 
-import os
-import threading
+import multiprocessing
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
+
+__all__ = ["BrokenProcessPool", "ProcessPoolService", "WorkerPoolService"]
 
 
 class WorkerPoolService(Service):
@@ -19,34 +23,18 @@ class WorkerPoolService(Service):
     A dedicated, bounded thread pool with the lifetime of the service.
 
     Not the reactor's shared pool: that one also serves DNS and other users, and a long
-    transcode there would stall them.
+    job there would stall them.
     """
 
-    def __init__(self, name: str, size: int, reactor: Any, *, nice: int = 0) -> None:
+    def __init__(self, name: str, size: int, reactor: Any) -> None:
         self.setName(name)
         self.size = size
         self._reactor = reactor
-        self._nice = nice
-        self._niced = threading.local()
         self._pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
 
     def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
         """Run ``f`` on the pool; the Deferred fires on the reactor thread."""
-        if self._nice:
-            return deferToThreadPool(self._reactor, self._pool, self._run_niced, f, *args, **kwargs)
         return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
-
-    def _run_niced(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        # Background work yields the CPU to what a client is waiting for (a C-STORE
-        # acknowledgement, an HTTP answer). On Linux a thread has its own nice value, and
-        # the threads OpenJPEG starts from it inherit it.
-        if not getattr(self._niced, "done", False):
-            self._niced.done = True
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
-            except (OSError, AttributeError):
-                pass  # not Linux, or not permitted: run at normal priority
-        return f(*args, **kwargs)
 
     def startService(self) -> None:
         super().startService()
@@ -56,3 +44,95 @@ class WorkerPoolService(Service):
         super().stopService()
         # Joins the workers: running jobs finish first (they cannot be interrupted).
         self._pool.stop()
+
+
+class ProcessPoolService(Service):
+    """
+    A bounded pool of worker processes with the lifetime of the service.
+
+    For work that is mostly Python or runs native decoders on untrusted input: a worker
+    process has its own GIL, so it never slows the threads that answer DICOM peers, and
+    when a native library crashes on hostile data only that worker dies. The pool is then
+    rebuilt and the jobs it held fail with :class:`BrokenProcessPool`; the caller decides
+    whether to retry them.
+
+    Workers are started with ``spawn``: forking a process that runs the reactor and
+    pynetdicom's threads could copy a lock in a held state.
+    """
+
+    log = Logger(namespace="imageshare.workers")
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        reactor: Any,
+        *,
+        initializer: Callable[..., None] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
+        self.setName(name)
+        self.size = size
+        self._reactor = reactor
+        self._initializer = initializer
+        self._initargs = initargs
+        self._executor: ProcessPoolExecutor | None = None
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self.size,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=self._initializer,
+            initargs=self._initargs,
+        )
+
+    def run(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run the picklable ``f(*args)`` in a worker; the Deferred fires on the reactor thread."""
+        if self._executor is None:
+            raise RuntimeError(f"{self.name} is not running")
+        executor = self._executor
+        d: Deferred[T] = Deferred()
+        try:
+            future = executor.submit(f, *args)
+        except BrokenProcessPool as e:
+            self._replace(executor)
+            d.errback(e)
+            return d
+
+        def done(fut: Future[T]) -> None:
+            # Runs in the executor's management thread: only hand over to the reactor.
+            self._reactor.callFromThread(self._fire, d, fut, executor)
+
+        future.add_done_callback(done)
+        return d
+
+    def _fire(self, d: Deferred[T], fut: Future[T], executor: ProcessPoolExecutor) -> None:
+        exc = fut.exception()
+        if exc is None:
+            d.callback(fut.result())
+            return
+        if isinstance(exc, BrokenProcessPool):
+            self._replace(executor)
+        d.errback(exc)
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        if self._executor is not broken or not self.running:
+            return  # already replaced (every job of the broken pool reports it)
+        self.log.error("a {name} worker process died; starting a new pool", name=self.name)
+        self._executor = self._new_executor()
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def startService(self) -> None:
+        super().startService()
+        self._executor = self._new_executor()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        executor, self._executor = self._executor, None
+
+        def shutdown() -> None:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+
+        # Waiting for workers blocks: do it off the reactor.
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), shutdown)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import threading
 from pathlib import Path
+from typing import Protocol
 
 from pydicom import dcmread
 
@@ -38,6 +38,20 @@ class Cancelled(Exception):
     """The server is stopping; the instance stays pending."""
 
 
+class StopFlag(Protocol):
+    """A ``threading.Event`` or ``multiprocessing.Event``: set when the server stops."""
+
+    def is_set(self) -> bool: ...
+
+
+def mark_failed(catalog: ICatalog, sop_instance_uid: str, reason: str) -> bool:
+    """Record a failure decided outside the job (e.g. its worker process kept crashing)."""
+    row = catalog.get_instance(sop_instance_uid)
+    if row is None or row.state is not State.PENDING:
+        return False
+    return catalog.complete(sop_instance_uid, row.generation, State.FAILED, reason, [])
+
+
 class TranscodeJob:
     """Blocking; safe to run for different instances on several threads at once."""
 
@@ -47,7 +61,7 @@ class TranscodeJob:
         archive: Archive,
         catalog: ICatalog,
         params: EncodeParams,
-        stopping: threading.Event,
+        stopping: StopFlag,
     ) -> None:
         self._data_dir = data_dir
         self._archive = archive

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
 from imageshare.interfaces import ICatalog
-from imageshare.workers import WorkerPoolService
+from imageshare.workers import BrokenProcessPool, ProcessPoolService, WorkerPoolService
 
 
 class TranscodeService(Service):
@@ -28,12 +28,15 @@ class TranscodeService(Service):
     Parameters
     ----------
     job
-        Blocking callable run on a worker thread; it records the outcome in the catalog
-        itself and returns a short description for the log.
+        Blocking, picklable callable run in the transcode pool; it records the outcome in
+        the catalog itself and returns a short description for the log.
     pool
-        The transcode worker pool; at most ``pool.size`` jobs run at once.
+        The transcode pool; at most ``pool.size`` jobs run at once.
     db
         The pool that runs catalog queries.
+    give_up
+        Blocking callable ``(uid, reason)`` run on ``db`` when an instance kills its worker
+        process twice in a row: it is then recorded as failed instead of retried forever.
     """
 
     log = Logger(namespace="imageshare.transcode")
@@ -42,10 +45,11 @@ class TranscodeService(Service):
         self,
         job: Callable[[str], Any],
         catalog: ICatalog,
-        pool: WorkerPoolService,
+        pool: ProcessPoolService | WorkerPoolService,
         db: WorkerPoolService,
         *,
         max_queue: int = 1024,
+        give_up: Callable[[str, str], Any] | None = None,
     ) -> None:
         self.setName("transcoder")
         self._job = job
@@ -60,6 +64,11 @@ class TranscodeService(Service):
         self._overflow = False  # some announcements were dropped; the catalog has them
         self._refilling = False
         self._crashed: set[str] = set()  # not retried until restart or a new receive
+        # Were in the pool when a worker process died. They are re-run one at a time, so
+        # that the instance that really kills its worker is known and given up on.
+        self._suspects: set[str] = set()
+        self._alone: str | None = None  # the suspect now running by itself
+        self._give_up = give_up
         self._idle: list[Deferred[None]] = []
         self.done = 0
         self.failed = 0
@@ -82,9 +91,11 @@ class TranscodeService(Service):
         self._pump()
 
     def _pump(self) -> None:
-        while self.running and self._queue and len(self._active) < self._pool.size:
+        limit = 1 if self._suspects else self._pool.size
+        while self.running and self._queue and len(self._active) < limit:
             uid = self._queue.popleft()
             self._queued.discard(uid)
+            self._alone = uid if uid in self._suspects and not self._active else None
             self._active.add(uid)
             ensureDeferred(self._run(uid))
         if self.running and not self._queue and self._overflow and not self._refilling:
@@ -98,7 +109,26 @@ class TranscodeService(Service):
         try:
             summary = await self._pool.run(self._job, uid)
             self.done += 1
+            self._suspects.discard(uid)
             self.log.info("transcoded {sop_instance_uid}: {summary}", sop_instance_uid=uid, summary=summary)
+        except BrokenProcessPool:
+            if uid == self._alone or self._give_up is None:
+                self._suspects.discard(uid)
+                self._crashed.add(uid)
+                self.failed += 1
+                self.log.error("the transcoder process crashed on {sop_instance_uid}; giving up", sop_instance_uid=uid)
+                if self._give_up is not None:
+                    try:
+                        await self._db.run(self._give_up, uid, "the transcoder process crashed on this instance")
+                    except Exception:
+                        self.log.failure("cannot record the failure of {sop_instance_uid}", sop_instance_uid=uid)
+            else:
+                self.log.warn("a transcoder process died while {sop_instance_uid} was in the pool; "
+                              "it will be retried alone", sop_instance_uid=uid)
+                self._suspects.add(uid)
+                if uid not in self._queued:
+                    self._queue.appendleft(uid)
+                    self._queued.add(uid)
         except Exception:
             # The job records expected failures itself; reaching here is a bug or a broken
             # catalog. The instance stays pending; it is retried when received again or
@@ -108,6 +138,8 @@ class TranscodeService(Service):
             self.log.failure("transcoding {sop_instance_uid} crashed", sop_instance_uid=uid)
         finally:
             self._active.discard(uid)
+            if self._alone == uid:
+                self._alone = None
             if uid in self._again:
                 self._again.discard(uid)
                 self.enqueue(uid)
