@@ -37,6 +37,32 @@ def acknowledged(storescu_output: str) -> set[str]:
     return acked
 
 
+def _children_of(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (the transcoder's workers, for twistd)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if f"\nPPid:\t{pid}\n" in status:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (zombies count as gone)."""
+    alive = []
+    for p in pids:
+        try:
+            if "State:\tZ" not in Path(f"/proc/{p}/status").read_text():
+                alive.append(p)
+        except OSError:
+            pass
+    return alive
+
+
 def test_sigkill_while_receiving(twistd, tmp_path: Path) -> None:
     """Kill -9 the server mid-transfer of 100 instances, restart: every acked one is there and transcoded."""
     files = make_instances(tmp_path / "in", 100, seed="crash")
@@ -48,6 +74,7 @@ def test_sigkill_while_receiving(twistd, tmp_path: Path) -> None:
     )
     assert sender.stdout is not None
     output: list[str] = []
+    workers: list[int] = []
     deadline = time.monotonic() + 120
     # Kill once a good part has been acknowledged, while the transfer is still going.
     while time.monotonic() < deadline:
@@ -56,9 +83,16 @@ def test_sigkill_while_receiving(twistd, tmp_path: Path) -> None:
             break
         output.append(line)
         if sum(_SUCCESS in l for l in output) >= 37:
+            workers = _children_of(server.proc.pid)
             server.kill()
             break
     rest, _ = sender.communicate(timeout=60)
+    # The transcoder's worker processes die with the server instead of running on.
+    assert workers, "the transcoder had no worker processes"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(workers):
+        time.sleep(0.1)
+    assert _alive(workers) == []
     output.append(rest)
     acked = acknowledged("".join(output))
     assert 37 <= len(acked) < 100, "the kill did not land mid-transfer"
