@@ -71,7 +71,34 @@ async def wait_idle(server: Any) -> dict[str, Any]:
 
 @pytest_twisted.ensureDeferred
 async def test_echo_and_store_with_pynetdicom(start_server, tmp_path: Path) -> None:
-    """C-ECHO succeeds; C-STOREd instances are acknowledged, stored, transcoded and counted."""
+    """C-ECHO succeeds; C-STOREd instances are acknowledged, stored, transcoded and counted.
+
+    Every log event emitted meanwhile is kept: none may carry a patient's name or ID.
+    """
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await _echo_and_store(start_server)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert any(e.get("sop_instance_uid") for e in events)  # the observer did see our events
+    secrets = set()
+    for name in STORE_SET:
+        ds = dcmread(sample_file(name), stop_before_pixels=True)
+        secrets |= {str(ds.get("PatientName", "")), str(ds.get("PatientID", ""))}
+    secrets -= {""}
+    for event in events:
+        text = formatEvent(event) + repr({k: v for k, v in event.items() if not k.startswith("log_")})
+        assert not any(secret in text for secret in secrets), text
+
+
+STORE_SET = ["CT_small.dcm", "MR_small_RLE.dcm", "JPGExtended.dcm", "SC_rgb_small_odd.dcm", "rtplan.dcm",
+             "image_dfl.dcm", "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm", "examples_palette.dcm"]
+
+
+async def _echo_and_store(start_server: Any) -> None:
     server = await start_server()
 
     def echo() -> int:
@@ -84,9 +111,7 @@ async def test_echo_and_store_with_pynetdicom(start_server, tmp_path: Path) -> N
         return int(status.Status)
 
     assert await threads.deferToThread(echo) == 0
-    names = ["CT_small.dcm", "MR_small_RLE.dcm", "JPGExtended.dcm", "SC_rgb_small_odd.dcm", "rtplan.dcm",
-             "image_dfl.dcm", "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm", "examples_palette.dcm"]
-    paths = [sample_file(n) for n in names]
+    paths = [sample_file(n) for n in STORE_SET]
     statuses = await threads.deferToThread(scu_store, server.dicom_port, paths)
     assert statuses == [0] * len(paths)
     status = await wait_idle(server)
