@@ -140,7 +140,20 @@ class ImageShare(Receiver):
         self.proc = None
 
 
-class StoreScp(Receiver):
+class FolderReceiver(Receiver):
+    """A receiver that writes one file per instance into ``self.out``."""
+
+    out: Path
+
+    def reset(self) -> None:
+        for f in self.out.iterdir():
+            f.unlink()
+
+    def count(self) -> int:
+        return len(list(self.out.iterdir()))
+
+
+class StoreScp(FolderReceiver):
     name, aet = "storescp", "STORESCP"
 
     def __init__(self, work: Path) -> None:
@@ -153,19 +166,12 @@ class StoreScp(Receiver):
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
         wait_echo(self.port, self.aet)
 
-    def reset(self) -> None:
-        for f in self.out.iterdir():
-            f.unlink()
-
-    def count(self) -> int:
-        return len(list(self.out.iterdir()))
-
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
 
-class BareScp(Receiver):
+class BareScp(FolderReceiver):
     aet = "BARESCP"
 
     def __init__(self, work: Path, fsync: bool = False) -> None:
@@ -177,13 +183,6 @@ class BareScp(Receiver):
         line = self.proc.stdout.readline().decode()
         self.port = int(line.split()[1])
         wait_echo(self.port, self.aet)
-
-    def reset(self) -> None:
-        for f in self.out.iterdir():
-            f.unlink()
-
-    def count(self) -> int:
-        return len(list(self.out.iterdir()))
 
     def stop(self) -> None:
         assert self.proc.stdin is not None

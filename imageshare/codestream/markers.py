@@ -848,6 +848,93 @@ def _once(seen: set[tuple[int, int]], marker: int, component: int, offset: int, 
     seen.add((marker, component))
 
 
+@attrs.define
+class _Found:
+    """The marker segments of one header, as the shared reader collects them."""
+
+    cod: COD | None = None
+    qcd: QCD | None = None
+    crg: CRG | None = None
+    coc: list[COC] = attrs.Factory(list)
+    qcc: list[QCC] = attrs.Factory(list)
+    rgn: list[RGN] = attrs.Factory(list)
+    poc: list[POC] = attrs.Factory(list)
+    tlm: list[TLM] = attrs.Factory(list)
+    plm: list[PLM] = attrs.Factory(list)
+    plt: list[PLT] = attrs.Factory(list)
+    com: list[COM] = attrs.Factory(list)
+    segments: list[Segment] = attrs.Factory(list)
+
+
+def _read_header(
+    view: memoryview,
+    pos: int,
+    end: int,
+    csiz: int,
+    *,
+    main: bool,
+    first_part: bool = True,
+    found: _Found | None = None,
+) -> tuple[_Found, int]:
+    """
+    Read the marker segments of the main header (up to SOT) or of a tile-part header (up
+    to SOD); return them and the offset of the SOT or SOD marker that ends the header.
+
+    Both headers share COD, COC, QCD, QCC, RGN, POC and COM (each coding segment at most
+    once per component); TLM, PLM and CRG belong to the main header, PLT to tile-parts.
+    Packed headers (PPM, PPT) are refused, other known markers out of place too; unknown
+    segments (and CAP in the main header) are skipped by their length.
+    """
+    f = found if found is not None else _Found()
+    where = "main header" if main else "tile-part header"
+    stop = Marker.SOT if main else Marker.SOD
+    seen: set[tuple[int, int]] = set()
+    while True:
+        marker, start, seg_end = _read_marker(view, pos, end)
+        if marker == stop:
+            return f, pos
+        if not main and not first_part and marker in _FIRST_PART_ONLY:
+            raise CodestreamError(f"{_name(marker)} at offset {pos} in a later tile-part (only allowed in the first)")
+        payload = view[start:seg_end]
+        if marker == Marker.COD:
+            _once(seen, marker, -1, pos, where)
+            f.cod = parse_cod(payload, pos)
+        elif marker == Marker.COC:
+            c = parse_coc(payload, csiz, pos)
+            _once(seen, marker, c.component, pos, where)
+            f.coc.append(c)
+        elif marker == Marker.QCD:
+            _once(seen, marker, -1, pos, where)
+            f.qcd = parse_qcd(payload, pos)
+        elif marker == Marker.QCC:
+            q = parse_qcc(payload, csiz, pos)
+            _once(seen, marker, q.component, pos, where)
+            f.qcc.append(q)
+        elif marker == Marker.RGN:
+            g = parse_rgn(payload, csiz, pos)
+            _once(seen, marker, g.component, pos, where)
+            f.rgn.append(g)
+        elif marker == Marker.POC:
+            f.poc.append(parse_poc(payload, csiz, pos))
+        elif marker == Marker.COM:
+            f.com.append(parse_com(payload, pos))
+        elif main and marker == Marker.TLM:
+            f.tlm.append(parse_tlm(payload, pos))
+        elif main and marker == Marker.PLM:
+            f.plm.append(parse_plm(payload, pos))
+        elif main and marker == Marker.CRG:
+            _once(seen, marker, -1, pos, where)
+            f.crg = parse_crg(payload, csiz, pos)
+        elif not main and marker == Marker.PLT:
+            f.plt.append(parse_plt(payload, pos))
+        elif marker in (Marker.PPM, Marker.PPT):
+            raise CodestreamError(f"{_name(marker)} at offset {pos}: packed packet headers are not supported")
+        elif marker in _KNOWN and not (main and marker == Marker.CAP):
+            raise CodestreamError(f"unexpected {_name(marker)} in the {where} at offset {pos}")
+        f.segments.append(Segment(marker, pos, seg_end - pos))
+        pos = seg_end
+
+
 def parse_main_header(data: Buffer) -> MainHeader:
     """Parse the main header, from SOC up to the first SOT.
 
@@ -874,67 +961,16 @@ def parse_main_header(data: Buffer) -> MainHeader:
         raise CodestreamError(f"SIZ must follow SOC, found {_name(marker)} at offset 2")
     siz = parse_siz(view[start:seg_end], 2)
     csiz = len(siz.components)
-    segments = [Segment(Marker.SOC, 0, 2), Segment(Marker.SIZ, 2, seg_end - 2)]
-    cod: COD | None = None
-    qcd: QCD | None = None
-    crg: CRG | None = None
-    coc: list[COC] = []
-    qcc: list[QCC] = []
-    rgn: list[RGN] = []
-    poc: list[POC] = []
-    tlm: list[TLM] = []
-    plm: list[PLM] = []
-    com: list[COM] = []
-    seen: set[tuple[int, int]] = set()
-    pos = seg_end
-    while True:
-        marker, start, seg_end = _read_marker(view, pos, end)
-        if marker == Marker.SOT:
-            break
-        payload = view[start:seg_end]
-        if marker == Marker.COD:
-            _once(seen, marker, -1, pos, "main header")
-            cod = parse_cod(payload, pos)
-        elif marker == Marker.COC:
-            c = parse_coc(payload, csiz, pos)
-            _once(seen, marker, c.component, pos, "main header")
-            coc.append(c)
-        elif marker == Marker.QCD:
-            _once(seen, marker, -1, pos, "main header")
-            qcd = parse_qcd(payload, pos)
-        elif marker == Marker.QCC:
-            q = parse_qcc(payload, csiz, pos)
-            _once(seen, marker, q.component, pos, "main header")
-            qcc.append(q)
-        elif marker == Marker.RGN:
-            g = parse_rgn(payload, csiz, pos)
-            _once(seen, marker, g.component, pos, "main header")
-            rgn.append(g)
-        elif marker == Marker.POC:
-            poc.append(parse_poc(payload, csiz, pos))
-        elif marker == Marker.TLM:
-            tlm.append(parse_tlm(payload, pos))
-        elif marker == Marker.PLM:
-            plm.append(parse_plm(payload, pos))
-        elif marker == Marker.CRG:
-            _once(seen, marker, -1, pos, "main header")
-            crg = parse_crg(payload, csiz, pos)
-        elif marker == Marker.COM:
-            com.append(parse_com(payload, pos))
-        elif marker == Marker.PPM:
-            raise CodestreamError(f"PPM at offset {pos}: packed packet headers are not supported")
-        elif marker in _KNOWN and marker != Marker.CAP:
-            raise CodestreamError(f"unexpected {_name(marker)} in the main header at offset {pos}")
-        # Anything else (CAP, reserved 0xFF30..0xFF3F, extensions) is skipped.
-        segments.append(Segment(marker, pos, seg_end - pos))
-        pos = seg_end
+    f, pos = _read_header(view, seg_end, end, csiz, main=True, found=_Found(
+        segments=[Segment(Marker.SOC, 0, 2), Segment(Marker.SIZ, 2, seg_end - 2)]))
+    cod, qcd = f.cod, f.qcd
     if cod is None:
         raise CodestreamError("the main header has no COD segment")
     if qcd is None:
         raise CodestreamError("the main header has no QCD segment")
     return MainHeader(
-        siz, cod, tuple(coc), qcd, tuple(qcc), tuple(rgn), tuple(poc), tuple(tlm), tuple(plm), crg,
-        tuple(com), tuple(segments), pos,
+        siz, cod, tuple(f.coc), qcd, tuple(f.qcc), tuple(f.rgn), tuple(f.poc), tuple(f.tlm), tuple(f.plm),
+        f.crg, tuple(f.com), tuple(f.segments), pos,
     )  # fmt: skip
 
 
@@ -1028,60 +1064,12 @@ def parse_tile_part(data: Buffer, offset: int, siz: SIZ) -> TilePartHeader:
             )
     if end < seg_end + 2:
         raise CodestreamError(f"tile-part at offset {offset} is too short ({end - offset} bytes)")
-    csiz = len(siz.components)
-    cod: COD | None = None
-    qcd: QCD | None = None
-    coc: list[COC] = []
-    qcc: list[QCC] = []
-    rgn: list[RGN] = []
-    poc: list[POC] = []
-    plt: list[PLT] = []
-    com: list[COM] = []
-    segments: list[Segment] = []
-    seen: set[tuple[int, int]] = set()
-    header_offset = pos = seg_end
-    while True:
-        marker, start, seg_end = _read_marker(view, pos, end)
-        if marker == Marker.SOD:
-            break
-        if marker in _FIRST_PART_ONLY and sot.part != 0:
-            raise CodestreamError(
-                f"{_name(marker)} at offset {pos} in tile-part {sot.part} (only allowed in the first)"
-            )
-        payload = view[start:seg_end]
-        if marker == Marker.PLT:
-            plt.append(parse_plt(payload, pos))
-        elif marker == Marker.COD:
-            _once(seen, marker, -1, pos, "tile-part header")
-            cod = parse_cod(payload, pos)
-        elif marker == Marker.COC:
-            c = parse_coc(payload, csiz, pos)
-            _once(seen, marker, c.component, pos, "tile-part header")
-            coc.append(c)
-        elif marker == Marker.QCD:
-            _once(seen, marker, -1, pos, "tile-part header")
-            qcd = parse_qcd(payload, pos)
-        elif marker == Marker.QCC:
-            q = parse_qcc(payload, csiz, pos)
-            _once(seen, marker, q.component, pos, "tile-part header")
-            qcc.append(q)
-        elif marker == Marker.RGN:
-            g = parse_rgn(payload, csiz, pos)
-            _once(seen, marker, g.component, pos, "tile-part header")
-            rgn.append(g)
-        elif marker == Marker.POC:
-            poc.append(parse_poc(payload, csiz, pos))
-        elif marker == Marker.COM:
-            com.append(parse_com(payload, pos))
-        elif marker == Marker.PPT:
-            raise CodestreamError(f"PPT at offset {pos}: packed packet headers are not supported")
-        elif marker in _KNOWN:
-            raise CodestreamError(f"unexpected {_name(marker)} in a tile-part header at offset {pos}")
-        segments.append(Segment(marker, pos, seg_end - pos))
-        pos = seg_end
+    header_offset = seg_end
+    f, pos = _read_header(view, header_offset, end, len(siz.components), main=False, first_part=sot.part == 0)
     return TilePartHeader(
         sot, offset, end - offset, header_offset, pos - header_offset, pos + 2, end - pos - 2,
-        cod, tuple(coc), qcd, tuple(qcc), tuple(rgn), tuple(poc), tuple(plt), tuple(com), tuple(segments),
+        f.cod, tuple(f.coc), f.qcd, tuple(f.qcc), tuple(f.rgn), tuple(f.poc), tuple(f.plt), tuple(f.com),
+        tuple(f.segments),
     )  # fmt: skip
 
 

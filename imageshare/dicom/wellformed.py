@@ -87,10 +87,10 @@ class _Walker:
                 raise MalformedDataset(f"unexpected item tag at offset {pos}")
             if length == _UNDEFINED:
                 if tag == 0x7FE00010 or vr in (b"OB", b"OW"):
-                    pos = self.fragments(value, depth)
+                    pos = self.fragments(value)
                 elif vr in (None, b"SQ", b"UN"):
                     # Implicit VR or UN with undefined length is a sequence (PS3.5 6.2.2).
-                    pos = self.sequence(value, depth + 1)
+                    pos = self.items(value, self.end, depth + 1, delimited=True)
                 else:
                     raise MalformedDataset(f"undefined length on VR {vr!r} at offset {pos}")
             else:
@@ -100,7 +100,7 @@ class _Walker:
                         f"({length} bytes at offset {value}, {stop - value} left)"
                     )
                 if vr == b"SQ" and length:
-                    end = self.sequence_defined(value, value + length, depth + 1)
+                    end = self.items(value, value + length, depth + 1, delimited=False)
                     if end != value + length:
                         raise MalformedDataset(f"sequence length mismatch at offset {pos}")
                 pos = value + length
@@ -110,24 +110,12 @@ class _Walker:
             raise MalformedDataset(f"element overruns its container at offset {pos}")
         return pos
 
-    def sequence(self, pos: int, depth: int) -> int:
-        while True:
+    def items(self, pos: int, stop: int, depth: int, *, delimited: bool) -> int:
+        """Walk the items of a sequence: up to its delimiter, or up to ``stop``."""
+        while delimited or pos < stop:
             tag, _, length, value = self.header(pos, True)
-            if tag == _SEQ_END:
+            if delimited and tag == _SEQ_END:
                 return value
-            if tag != _ITEM:
-                raise MalformedDataset(f"expected an item at offset {pos}")
-            if length == _UNDEFINED:
-                pos = self.dataset(value, self.end, depth, until_item_end=True)
-            else:
-                if value + length > self.end:
-                    raise MalformedDataset(f"item runs past the end at offset {pos}")
-                self.dataset(value, value + length, depth, until_item_end=False)
-                pos = value + length
-
-    def sequence_defined(self, pos: int, stop: int, depth: int) -> int:
-        while pos < stop:
-            tag, _, length, value = self.header(pos, True)
             if tag != _ITEM:
                 raise MalformedDataset(f"expected an item at offset {pos}")
             if length == _UNDEFINED:
@@ -139,7 +127,7 @@ class _Walker:
                 pos = value + length
         return pos
 
-    def fragments(self, pos: int, depth: int) -> int:
+    def fragments(self, pos: int) -> int:
         while True:
             tag, _, length, value = self.header(pos, True)
             if tag == _SEQ_END:

@@ -78,9 +78,9 @@ def _is_top_level_boundary(data: bytes, ts: UID, cut: int) -> bool:
         tag, vr, length, value = w.header(pos, ts.is_implicit_VR)
         if length == 0xFFFFFFFF:
             if tag == 0x7FE00010 or vr in (b"OB", b"OW"):
-                pos = w.fragments(value, 0)
+                pos = w.fragments(value)
             else:
-                pos = w.sequence(value, 1)
+                pos = w.items(value, len(data), 1, delimited=True)
         else:
             pos = value + length
     return pos == cut

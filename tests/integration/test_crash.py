@@ -65,7 +65,7 @@ def _alive(pids: list[int]) -> list[int]:
 
 def test_sigkill_while_receiving(twistd, tmp_path: Path) -> None:
     """Kill -9 the server mid-transfer of 100 instances, restart: every acked one is there and transcoded."""
-    files = make_instances(tmp_path / "in", 100, seed="crash")
+    make_instances(tmp_path / "in", 100, seed="crash")
     server = twistd().start()
     env = dict(os.environ, TCP_NODELAY="1")
     sender = subprocess.Popen(
