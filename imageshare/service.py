@@ -159,7 +159,6 @@ class ImageShareService(MultiService):
         self.dicom = DicomListenerService(
             config.dicom,
             StoreHandler(self.ingestor, self.bridge, self._stored),
-            self.bridge,
             reactor,
             config_dir=config.path.parent if config.path else None,
         )

@@ -41,7 +41,6 @@ from twisted.logger import Logger
 
 from imageshare.config import DicomConfig
 from imageshare.endpoints import parse_dicom_endpoint
-from imageshare.protocols.dicom.bridge import ReactorBridge
 from imageshare.protocols.dicom.handlers import StoreHandler, event_handlers
 
 _NATIVE = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
@@ -79,7 +78,6 @@ class DicomListenerService(Service):
         self,
         config: DicomConfig,
         store_handler: StoreHandler,
-        bridge: ReactorBridge,
         reactor: Any,
         *,
         config_dir: Path | None = None,
@@ -87,7 +85,6 @@ class DicomListenerService(Service):
         self.setName("dicom")
         self._config = config
         self._store_handler = store_handler
-        self._bridge = bridge
         self._reactor = reactor
         self._config_dir = config_dir
         self._endpoint = parse_dicom_endpoint(config.listen)
