@@ -1,0 +1,164 @@
+"""
+JPIP sessions and channels (ISO/IEC 15444-9 Annex B/C.3), without clocks or I/O.
+
+A session binds one target (one codestream of one instance) to one cache model, and has
+one or more channels; requests name a channel by its ``cid``. Time is passed in as
+``now`` so that the owner can drive expiry from a ``Clock`` (style.md: "keep session.py
+free of clocks").
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Generic, Iterable, TypeVar
+
+import attrs
+
+M = TypeVar("M")
+
+
+class SessionError(Exception):
+    """A request cannot be served in the session it names; ``status`` is the HTTP status."""
+
+    status = 400
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UnknownChannel(SessionError):
+    """No such channel (never existed, closed or expired): the client starts anew."""
+
+    status = 404
+
+
+class SessionLimit(SessionError):
+    """Too many sessions or channels; try again later."""
+
+    status = 503
+
+
+@attrs.define(eq=False)
+class Channel:
+    cid: str
+    transport: str
+    session: "Session[Any]"
+
+
+@attrs.define(eq=False)
+class Session(Generic[M]):
+    """One client's view of one target: the cache model its channels share."""
+
+    target: Any  # opaque to this module: what the server needs to find the codestream
+    model: M
+    last_used: float
+    channels: dict[str, Channel] = attrs.Factory(dict)
+    closed: bool = False
+
+
+def new_cid(transport: str) -> str:
+    """An unguessable channel id; the 4th character tells the transport (as Kakadu does)."""
+    tag = {"http": "JPH_", "http-tcp": "JPHT", "http-udp": "JPHU"}.get(transport, "JPHX")
+    return tag + secrets.token_hex(16)
+
+
+class SessionRegistry(Generic[M]):
+    """
+    All live sessions, with limits and idle expiry.
+
+    Parameters
+    ----------
+    idle_timeout
+        Seconds without a request after which a session and its channels are dropped.
+    max_sessions
+        Sessions alive at once; beyond it new sessions are refused (503).
+    max_channels
+        Channels per session.
+    """
+
+    def __init__(self, *, idle_timeout: float, max_sessions: int, max_channels: int = 8) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_sessions = max_sessions
+        self.max_channels = max_channels
+        self._channels: dict[str, Channel] = {}
+        self._sessions: set[Session[M]] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, target: Any, model: M, transport: str, now: float) -> Channel:
+        """Start a session with its first channel."""
+        self.expire(now)
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionLimit(f"too many sessions ({self.max_sessions})")
+        session: Session[M] = Session(target=target, model=model, last_used=now)
+        self._sessions.add(session)
+        return self._add_channel(session, transport)
+
+    def add_channel(self, cid: str, transport: str, now: float) -> Channel:
+        """A new channel in the session of channel ``cid``."""
+        session = self.channel(cid, now).session
+        if len(session.channels) >= self.max_channels:
+            raise SessionLimit(f"too many channels in this session ({self.max_channels})")
+        return self._add_channel(session, transport)
+
+    def _add_channel(self, session: Session[M], transport: str) -> Channel:
+        cid = new_cid(transport)
+        channel = Channel(cid=cid, transport=transport, session=session)
+        session.channels[cid] = channel
+        self._channels[cid] = channel
+        return channel
+
+    def channel(self, cid: str, now: float) -> Channel:
+        """The live channel ``cid``; touching it keeps its session alive."""
+        channel = self._channels.get(cid)
+        if channel is None or channel.session.closed:
+            raise UnknownChannel(f"unknown or expired channel {cid[:48]!r}")
+        if now - channel.session.last_used > self.idle_timeout:
+            self._drop(channel.session)
+            raise UnknownChannel(f"unknown or expired channel {cid[:48]!r}")
+        channel.session.last_used = now
+        return channel
+
+    def close(self, cid: str | None, which: Iterable[str], now: float) -> list[str]:
+        """
+        Close channels (``cclose``): the listed ones, or every channel of the session of
+        ``cid`` for ``*``. All must belong to one session. A session without channels ends.
+
+        Returns the closed channel ids.
+        """
+        which = list(which)
+        if which == ["*"]:
+            if cid is None:
+                raise SessionError("cclose=* needs a cid")
+            session = self.channel(cid, now).session
+            targets = list(session.channels)
+        else:
+            targets = which
+            sessions = {id(self.channel(c, now).session) for c in targets}
+            if len(sessions) > 1:
+                raise SessionError("cclose names channels of different sessions")
+        closed = []
+        for c in targets:
+            channel = self._channels.pop(c, None)
+            if channel is not None:
+                channel.session.channels.pop(c, None)
+                closed.append(c)
+                if not channel.session.channels:
+                    self._drop(channel.session)
+        return closed
+
+    def expire(self, now: float) -> list[Session[M]]:
+        """Drop idle sessions; return them (the caller may log or release resources)."""
+        idle = [s for s in self._sessions if now - s.last_used > self.idle_timeout]
+        for s in idle:
+            self._drop(s)
+        return idle
+
+    def _drop(self, session: Session[M]) -> None:
+        session.closed = True
+        for c in session.channels:
+            self._channels.pop(c, None)
+        session.channels.clear()
+        self._sessions.discard(session)

@@ -1,0 +1,78 @@
+"""JPIP sessions and channels: creation, limits, cclose, idle expiry."""
+
+from __future__ import annotations
+
+import pytest
+
+from imageshare.protocols.jpip.sessions import SessionError, SessionLimit, SessionRegistry, UnknownChannel
+
+
+def registry(**kw: object) -> SessionRegistry[dict[str, int]]:
+    return SessionRegistry(idle_timeout=kw.get("idle", 60.0), max_sessions=kw.get("sessions", 3),  # type: ignore[arg-type]
+                           max_channels=kw.get("channels", 2))  # type: ignore[arg-type]
+
+
+def test_channels_share_the_session_model() -> None:
+    """A second channel of a session sees the same model object; cids are unguessable and typed."""
+    r = registry()
+    first = r.open("target", {"bins": 1}, "http", now=0)
+    second = r.add_channel(first.cid, "http-tcp", now=1)
+    assert first.session is second.session
+    assert first.cid.startswith("JPH_") and second.cid.startswith("JPHT")
+    assert len(first.cid) == 36 and first.cid != second.cid
+    assert r.channel(second.cid, now=2).session.model == {"bins": 1}
+
+
+def test_limits() -> None:
+    """Sessions and channels per session are capped with 503 errors."""
+    r = registry(sessions=2, channels=2)
+    a = r.open("t", {}, "http", now=0)
+    r.open("t", {}, "http", now=0)
+    with pytest.raises(SessionLimit) as info:
+        r.open("t", {}, "http", now=0)
+    assert info.value.status == 503
+    r.add_channel(a.cid, "http", now=0)
+    with pytest.raises(SessionLimit):
+        r.add_channel(a.cid, "http", now=0)
+
+
+def test_idle_expiry_is_driven_by_now() -> None:
+    """A session idle for longer than the timeout is gone (404), and frees its slot."""
+    r = registry(idle=10, sessions=1)
+    a = r.open("t", {}, "http", now=0)
+    r.channel(a.cid, now=9)  # touching keeps it alive
+    r.channel(a.cid, now=18)
+    with pytest.raises(UnknownChannel) as info:
+        r.channel(a.cid, now=29)
+    assert info.value.status == 404
+    r.open("t", {}, "http", now=29)  # the slot is free again
+    assert len(r) == 1
+    assert len(r.expire(now=100)) == 1 and len(r) == 0
+
+
+def test_cclose() -> None:
+    """cclose closes listed channels or all (*); the session ends with its last channel."""
+    r = registry()
+    a = r.open("t", {}, "http", now=0)
+    b = r.add_channel(a.cid, "http", now=0)
+    assert r.close(None, [b.cid], now=1) == [b.cid]
+    with pytest.raises(UnknownChannel):
+        r.channel(b.cid, now=1)
+    r.channel(a.cid, now=1)
+    c = r.add_channel(a.cid, "http", now=1)
+    assert sorted(r.close(a.cid, ["*"], now=2)) == sorted([a.cid, c.cid])
+    assert len(r) == 0
+    with pytest.raises(SessionError):
+        r.close(None, ["*"], now=2)
+    other = r.open("t", {}, "http", now=3)
+    third = r.open("t", {}, "http", now=3)
+    with pytest.raises(SessionError):
+        r.close(None, [other.cid, third.cid], now=3)
+
+
+def test_unknown_cid() -> None:
+    """A cid that never existed gives 404, whatever it looks like."""
+    r = registry()
+    for cid in ["", "JPH_00", "x" * 10000]:
+        with pytest.raises(UnknownChannel):
+            r.channel(cid, now=0)
