@@ -69,6 +69,16 @@ class TranscodeConfig:
 
 
 @attrs.frozen
+class JpipConfig:
+    session_timeout: float
+    max_sessions: int
+    max_model_bytes: int
+    chunked: bool
+    cors_origins: tuple[str, ...]
+    target_cache: int
+
+
+@attrs.frozen
 class Config:
     """The whole configuration, as read from one INI file."""
 
@@ -77,6 +87,7 @@ class Config:
     dicom: DicomConfig
     http: HttpConfig
     transcode: TranscodeConfig
+    jpip: JpipConfig
 
 
 # -- value parsers: each raises ValueError with a message fit for an operator ---------------
@@ -246,12 +257,28 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             max_queue=r.get("transcode", "max_queue", "1024", _int_range(1, 1_000_000)),
             nice=r.get("transcode", "nice", "10", _int_range(0, 19)),
         ),
+        jpip=JpipConfig(
+            session_timeout=r.get("jpip", "session_timeout", "300", _seconds),
+            max_sessions=r.get("jpip", "max_sessions", "1000", _int_range(1, 1_000_000)),
+            max_model_bytes=r.get("jpip", "max_model_bytes", "8388608", _int_range(4096, 2**34)),
+            chunked=r.get("jpip", "chunked", "yes", _bool),
+            cors_origins=r.get("jpip", "cors_origins", "", _origins),
+            target_cache=r.get("jpip", "target_cache", "64", _int_range(1, 100_000)),
+        ),
     )
     for section in parser.sections():
         for key in parser.options(section):
             if (section, key) not in r.used:
                 raise ConfigError(section, key, "unknown key (misspelt?)")
     return config
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    items = tuple(t for t in re.split(r"[,\s]+", text.strip()) if t)
+    for item in items:
+        if item != "*" and not re.match(r"^https?://[^/\s]+$", item):
+            raise ValueError(f"expected * or origins such as https://viewer.example.org, got {item!r}")
+    return items
 
 
 def _max_pdu(text: str) -> int:

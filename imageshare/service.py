@@ -16,6 +16,7 @@ import multiprocessing
 from typing import Any
 
 from pynetdicom import _config as pynetdicom_config
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -29,6 +30,8 @@ from imageshare.logbridge import bridge_stdlib_logging
 from imageshare.protocols.dicom.bridge import ReactorBridge
 from imageshare.protocols.dicom.handlers import StoreHandler
 from imageshare.protocols.dicom.listener import DicomListenerService
+from imageshare.protocols.jpip.http import JpipResource
+from imageshare.protocols.jpip.server import JpipServer, TargetLoader
 from imageshare.store.archive import Archive
 from imageshare.store.catalog import SqliteCatalog
 from imageshare.store.ingest import Ingestor, Stored
@@ -140,7 +143,21 @@ class ImageShareService(MultiService):
             give_up=functools.partial(mark_failed, self.catalog),
         )
 
+        jc = config.jpip
+        loader = TargetLoader(self.catalog, data_dir)
+        self.jpip = JpipServer(
+            lambda uid, stream: self.db_pool.run(loader, uid, stream),
+            reactor.seconds,
+            session_timeout=jc.session_timeout,
+            max_sessions=jc.max_sessions,
+            max_model_bytes=jc.max_model_bytes,
+            target_cache=jc.target_cache,
+        )
+        self.jpip_sweeper = TimerService(min(30.0, jc.session_timeout / 2), self.jpip.expire)
+        self.jpip_sweeper.clock = reactor
+
         root = RootResource()
+        root.putChild(b"jpip", JpipResource(self.jpip, chunked=jc.chunked, cors_origins=jc.cors_origins))
         root.putChild(
             b"status",
             StatusResource(
@@ -162,11 +179,13 @@ class ImageShareService(MultiService):
             reactor,
             config_dir=config.path.parent if config.path else None,
         )
-        for child in (self.db_pool, self.transcode_pool, self.transcoder, self.http, self.dicom):
+        for child in (self.db_pool, self.transcode_pool, self.transcoder, self.jpip_sweeper, self.http, self.dicom):
             child.setServiceParent(self)
 
     def _stored(self, stored: Stored) -> None:
-        self.transcoder.enqueue(stored.record.sop_instance_uid)
+        uid = stored.record.sop_instance_uid
+        self.jpip.forget(uid)  # its codestreams are about to be replaced
+        self.transcoder.enqueue(uid)
 
     def startService(self) -> None:
         # Settle what a crash left behind before anything receives or transcodes.
@@ -189,7 +208,7 @@ class ImageShareService(MultiService):
         # Service.stopService (not MultiService's): children are stopped here, in order.
         self.running = 0
         self.stopping.set()
-        for child in (self.dicom, self.http, self.transcoder, self.transcode_pool, self.db_pool):
+        for child in (self.dicom, self.http, self.jpip_sweeper, self.transcoder, self.transcode_pool, self.db_pool):
             if child.running:
                 try:
                     await maybeDeferred(child.stopService)

@@ -21,39 +21,11 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage, Verification
 from twisted.internet import threads
 
-from tests.helpers import make_instances, part10_file, sample_file, wire_dataset
+from tests.helpers import make_instances, part10_file, sample_file, scu_store, wire_dataset
 from tests.integration.conftest import run_with_deadline
 
 pytestmark = pytest.mark.integration
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is not installed")
-
-
-def scu_store(port: int, paths: list[Path], *, ae_title: str = "TESTSCU", called: str = "IMAGESHARE",
-              max_pdu: int = 16382, contexts: Any = None) -> list[int | None]:
-    """Send files in one association; return the status of each (None if no response)."""
-    ae = AE(ae_title=ae_title)
-    ae.maximum_pdu_size = max_pdu
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    if contexts is None:
-        seen = set()
-        for ds in (dcmread(p, stop_before_pixels=True) for p in paths):
-            key = (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-            if key not in seen:
-                seen.add(key)
-                ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    else:
-        ae.requested_contexts = contexts
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    if not assoc.is_established:
-        return [None] * len(paths)
-    statuses: list[int | None] = []
-    try:
-        for path in paths:
-            status = assoc.send_c_store(path)  # sent as the file holds it, no re-encoding
-            statuses.append(int(status.Status) if "Status" in status else None)
-    finally:
-        assoc.release()
-    return statuses
 
 
 def get_status(url: str) -> dict[str, Any]:

@@ -1,0 +1,193 @@
+"""
+JPIP over HTTP (ISO/IEC 15444-9 Annex F): the ``/jpip`` resource.
+
+A thin adapter: it parses the request (``request.py``), asks the :class:`JpipServer` for
+a reply and streams the messages through a pull producer, so that a full-resolution
+response is written as the transport asks for it, never held whole in memory, and the
+session's cache model records exactly what was handed to the transport.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IPullProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from imageshare.protocols.jpip.request import JpipRequestError, parse_request
+from imageshare.protocols.jpip.server import EXPOSED_HEADERS, Body, JpipError, JpipServer, Reply
+
+log = Logger(namespace="imageshare.jpip")
+
+# Bytes written per resumeProducing: big enough to keep the socket busy, small enough
+# that a slow client holds little memory.
+WRITE_BATCH = 64 * 1024
+
+
+@implementer(IPullProducer)
+class BodyProducer:
+    """Writes a :class:`Body` into a request as the transport asks for more."""
+
+    def __init__(self, request: Request, body: Body) -> None:
+        self._request = request
+        self._body = body
+        self._messages: Iterator[tuple[bytes, Any]] = body.messages()
+        self._done = False
+
+    def start(self) -> None:
+        self._request.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        if self._done:
+            return
+        # One write per call: the HTTP channel pauses its producer once per write that
+        # finds the transport buffer full but resumes it only once, so several writes
+        # per call would leave the response paused for ever.
+        batch: list[tuple[bytes, Any]] = []
+        size = 0
+        finished = False
+        try:
+            while size < WRITE_BATCH:
+                message, piece = next(self._messages)
+                batch.append((message, piece))
+                size += len(message)
+        except StopIteration:
+            finished = True
+        except Exception:
+            log.failure("building a JPIP response failed")
+            finished = True
+        if batch:
+            self._request.write(b"".join(m for m, _ in batch))
+            for message, piece in batch:
+                self._body.sent(message, piece)
+        if finished:
+            self._finish()
+
+    def stopProducing(self) -> None:
+        # The client went away: whatever was not written is not in the model.
+        self._done = True
+        self._body.close()
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._body.close()
+        self._request.unregisterProducer()
+        self._request.finish()
+
+
+class JpipResource(Resource):
+    """``/jpip`` and ``/jpip/<target>``: GET and POST."""
+
+    isLeaf = True
+
+    def __init__(self, server: JpipServer, *, chunked: bool = True, cors_origins: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self._server = server
+        self._chunked = chunked
+        self._cors = cors_origins
+
+    def render_OPTIONS(self, request: Request) -> bytes:
+        self._cors_headers(request)
+        request.setHeader(b"access-control-allow-methods", b"GET, POST, OPTIONS")
+        request.setHeader(b"access-control-allow-headers", b"content-type")
+        request.setHeader(b"content-length", b"0")
+        return b""
+
+    def render_GET(self, request: Request) -> Any:
+        return self._render(request)
+
+    def render_POST(self, request: Request) -> Any:
+        return self._render(request)
+
+    def _render(self, request: Request) -> Any:
+        self._cors_headers(request)
+        request.setHeader(b"cache-control", b"no-cache")
+        path_target = "/".join(p.decode("utf-8", "replace") for p in request.postpath) or None
+        body = request.content.read() if request.method == b"POST" and request.content else None
+        query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
+        try:
+            parsed = parse_request(
+                request.method.decode("ascii", "replace"),
+                path_target,
+                query,
+                body,
+                _header(request, b"content-type"),
+                _header(request, b"accept"),
+            )
+        except JpipRequestError as e:
+            return self._error(request, e.status, e.reason)
+        if parsed.unknown:
+            log.info("ignored unknown JPIP request fields {fields}", fields=list(parsed.unknown)[:20])
+
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = ensureDeferred(self._server.respond(parsed))
+        d.addCallbacks(lambda reply: self._stream(request, reply, gone), lambda f: self._failed(request, f, gone))
+        return NOT_DONE_YET
+
+    def _stream(self, request: Request, reply: Reply, gone: list[bool]) -> None:
+        body = reply.body
+        if gone:  # the client left while we looked things up
+            if body is not None:
+                body.close()
+            return
+        request.setResponseCode(reply.status)
+        for name, value in reply.headers:
+            request.setHeader(name.encode(), value.encode())
+        request.setHeader(b"content-type", reply.content_type.encode())
+        if body is None:
+            request.setHeader(b"content-length", b"0")
+            request.finish()
+            return
+        if not self._chunked:
+            request.setHeader(b"content-length", str(body.length()).encode())
+        producer = BodyProducer(request, body)
+        request.notifyFinish().addErrback(lambda _: producer.stopProducing())
+        producer.start()
+
+    def _failed(self, request: Request, failure: Failure, gone: list[bool]) -> None:
+        if failure.check(JpipError):
+            e: JpipError = failure.value  # type: ignore[assignment]
+            status, reason = e.status, e.reason
+        elif failure.check(JpipRequestError):
+            r: JpipRequestError = failure.value  # type: ignore[assignment]
+            status, reason = r.status, r.reason
+        else:
+            log.failure("JPIP request failed", failure)
+            status, reason = 500, "internal error, see the server log"
+        if gone:
+            return
+        request.write(self._error(request, status, reason))
+        request.finish()
+
+    @staticmethod
+    def _error(request: Request, status: int, reason: str) -> bytes:
+        log.info("JPIP request refused with {status}: {reason}", status=status, reason=reason)
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return (reason + "\n").encode("utf-8")
+
+    def _cors_headers(self, request: Request) -> None:
+        if not self._cors:
+            return
+        origin = _header(request, b"origin")
+        if "*" in self._cors:
+            request.setHeader(b"access-control-allow-origin", b"*")
+        elif origin in self._cors:
+            request.setHeader(b"access-control-allow-origin", origin.encode())
+            request.setHeader(b"vary", b"Origin")
+        else:
+            return
+        request.setHeader(b"access-control-expose-headers", EXPOSED_HEADERS.encode())
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value is not None else None

@@ -1,0 +1,390 @@
+"""
+The JPIP server: from a parsed request to a reply (status, headers, messages).
+
+Transport-independent: the HTTP resource (``http.py``) and, later, the http-tcp channel
+feed it requests and write out what it returns. It owns the sessions and the target
+cache; every blocking step (catalog lookups, reading and mapping codestreams) goes to the
+catalog pool, so the reactor thread only plans and frames messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import attrs
+from twisted.internet.defer import DeferredLock
+from twisted.logger import Logger
+
+from imageshare.codestream.index import CodestreamIndex
+from imageshare.dicom.uids import is_valid_uid
+from imageshare.interfaces import ICatalog
+from imageshare.protocols.jpip.cachemodel import CacheModel, CacheSpecTooLarge, apply_spec
+from imageshare.protocols.jpip.cachespec import parse_cache_spec
+from imageshare.protocols.jpip.messages import EorReason, MessageEncoder
+from imageshare.protocols.jpip.plan import Piece, PlanResult, TargetBins, commit, plan
+from imageshare.protocols.jpip.request import JpipRequest, JpipRequestError
+from imageshare.protocols.jpip.sessions import SessionError, SessionRegistry
+from imageshare.protocols.jpip.window import Window, precincts, resolve
+from imageshare.store.records import State
+
+#: Transports this server grants, in order of preference.
+TRANSPORTS = ("http",)
+
+# Headers a browser client must be allowed to read (CORS).
+EXPOSED_HEADERS = (
+    "JPIP-cnew, JPIP-tid, JPIP-qid, JPIP-fsiz, JPIP-roff, JPIP-rsiz, JPIP-comps, "
+    "JPIP-layers, JPIP-len, JPIP-stream"
+)
+
+
+class JpipError(Exception):
+    """A request that gets an HTTP error status instead of a stream."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@attrs.frozen(eq=False)
+class Target:
+    """One codestream (frame) of one instance, ready to serve."""
+
+    sop_instance_uid: str
+    stream: int  # codestream number: frame number − 1
+    tid: str
+    index: CodestreamIndex
+    bins: TargetBins
+    data: Any  # the codestream, memory-mapped (read-only)
+    size: int
+
+
+class TargetLoader:
+    """Finds and maps codestreams (blocking: run it on a pool)."""
+
+    def __init__(self, catalog: ICatalog, data_dir: Path) -> None:
+        self._catalog = catalog
+        self._data_dir = data_dir
+
+    def __call__(self, sop_instance_uid: str, stream: int) -> Target | None:
+        row = self._catalog.get_instance(sop_instance_uid)
+        if row is None or row.state is not State.STREAMABLE:
+            return None
+        frames = self._catalog.frames(sop_instance_uid)
+        if not 0 <= stream < len(frames):
+            return None
+        frame = frames[stream]
+        index = CodestreamIndex.from_json((self._data_dir / frame.index_path).read_bytes())
+        path = self._data_dir / frame.codestream_path
+        with open(path, "rb") as f:
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # The tid names these exact bytes: a re-sent instance is a new generation with a
+        # new path, so its codestream gets a new tid and clients drop their caches.
+        tid = hashlib.sha256(f"{frame.codestream_path}:{frame.codestream_size}".encode()).hexdigest()[:32]
+        return Target(sop_instance_uid, stream, tid, index, TargetBins(index), data, len(data))
+
+
+@attrs.define(eq=False)
+class SessionState:
+    """What a session keeps: its instance, the client's cache model, a request lock."""
+
+    sop_instance_uid: str
+    model: CacheModel
+    tids: dict[int, str] = attrs.Factory(dict)  # codestream → the tid the model describes
+    lock: DeferredLock = attrs.Factory(DeferredLock)
+
+
+@attrs.frozen
+class Reply:
+    """Status line, JPIP headers and (for 200) the messages to send."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    content_type: str
+    body: "Body | None"
+
+
+class Body:
+    """
+    The messages of one response, produced lazily, committed to the model as they go.
+
+    :meth:`messages` yields one message at a time (header and body); the caller calls
+    :meth:`sent` once those bytes are handed to the transport, so a response cut short
+    leaves the model exact. The session's lock is released by :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        result: PlanResult,
+        model: CacheModel | None,
+        release: Callable[[], None] | None,
+    ) -> None:
+        self._target = target
+        self._result = result
+        self._model = model
+        self._release = release
+        self._encoder = MessageEncoder()
+        self._encoder.reset()  # explicit class and codestream on the first message
+        self.bytes_sent = 0
+
+    @property
+    def eor_reason(self) -> int:
+        return self._result.eor_reason
+
+    def length(self) -> int:
+        """Exact size of the whole body (for Content-Length)."""
+        encoder = MessageEncoder()
+        encoder.reset()
+        total = 0
+        for p in self._result.pieces:
+            total += len(encoder.header(p.bin_class, p.csn, p.bin_id, p.bin_offset, p.length, p.complete, p.aux))
+            total += p.length
+        return total + len(encoder.eor(self._result.eor_reason))
+
+    def messages(self) -> Iterator[tuple[bytes, Piece | None]]:
+        """Each message's bytes with the piece it carries (``None`` for the final EOR)."""
+        data = self._target.data
+        for piece in self._result.pieces:
+            head = self._encoder.header(
+                piece.bin_class, piece.csn, piece.bin_id, piece.bin_offset, piece.length, piece.complete, piece.aux
+            )
+            yield head + piece.body(data), piece
+        yield self._encoder.eor(self._result.eor_reason), None
+
+    def sent(self, message: bytes, piece: Piece | None) -> None:
+        """A message went to the transport: from now on the client holds it."""
+        self.bytes_sent += len(message)
+        if piece is not None and self._model is not None:
+            commit(self._model, [piece])
+
+    def close(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+
+class JpipServer:
+    """
+    Serves JPIP requests for the instances in the catalog.
+
+    Parameters
+    ----------
+    load
+        ``(sop_instance_uid, stream) -> Deferred[Target | None]`` (runs the loader on a pool).
+    now
+        Current time in seconds (``reactor.seconds`` or a ``Clock``'s).
+    """
+
+    log = Logger(namespace="imageshare.jpip")
+
+    def __init__(
+        self,
+        load: Callable[[str, int], Any],
+        now: Callable[[], float],
+        *,
+        session_timeout: float = 300,
+        max_sessions: int = 1000,
+        max_model_bytes: int = 8 << 20,
+        target_cache: int = 64,
+    ) -> None:
+        self._load = load
+        self._now = now
+        self.sessions: SessionRegistry[SessionState] = SessionRegistry(
+            idle_timeout=session_timeout, max_sessions=max_sessions
+        )
+        self._max_model_bytes = max_model_bytes
+        self._targets: OrderedDict[tuple[str, int], Target] = OrderedDict()
+        self._target_cache = target_cache
+
+    async def target(self, sop_instance_uid: str, stream: int) -> Target:
+        """The codestream to serve, from the cache or loaded off the reactor."""
+        key = (sop_instance_uid, stream)
+        target = self._targets.get(key)
+        if target is None:
+            if not is_valid_uid(sop_instance_uid):
+                raise JpipError(404, "no such target")
+            target = await self._load(sop_instance_uid, stream)
+            if target is None:
+                raise JpipError(404, "no such target, or it is not (yet) streamable")
+            self._targets[key] = target
+            while len(self._targets) > self._target_cache:
+                self._targets.popitem(last=False)
+        else:
+            self._targets.move_to_end(key)
+        return target
+
+    def forget(self, sop_instance_uid: str) -> None:
+        """Drop cached codestreams of an instance (it was received again)."""
+        for key in [k for k in self._targets if k[0] == sop_instance_uid]:
+            del self._targets[key]
+
+    def expire(self) -> int:
+        """Drop idle sessions (called periodically); return how many."""
+        return len(self.sessions.expire(self._now()))
+
+    async def respond(self, request: JpipRequest) -> Reply:
+        """
+        Serve one request.
+
+        Raises
+        ------
+        JpipError
+            For 4xx/5xx answers (unknown target or channel, limits, bad combinations).
+        """
+        now = self._now()
+        headers: list[tuple[str, str]] = []
+        if request.qid is not None:
+            headers.append(("JPIP-qid", str(request.qid)))
+        stream = self._stream(request, headers)
+        session_state: SessionState | None = None
+        try:
+            if request.cid is not None:
+                channel = self.sessions.channel(request.cid, now)
+                session_state = channel.session.model
+                if request.target is not None and request.target != session_state.sop_instance_uid:
+                    raise JpipError(400, "a session serves one target; open a new session for another")
+                if request.cnew:
+                    granted = self.sessions.add_channel(request.cid, self._transport(request), now)
+                    headers.append(("JPIP-cnew", f"cid={granted.cid},path=jpip,transport={granted.transport}"))
+                if request.cclose:
+                    self.sessions.close(request.cid, request.cclose, now)
+                uid = session_state.sop_instance_uid
+            else:
+                if request.cclose:
+                    raise JpipError(400, "cclose needs a cid")
+                if request.target is None:
+                    raise JpipError(400, "no target")
+                uid = request.target
+        except SessionError as e:
+            raise JpipError(e.status, e.reason) from None
+
+        target = await self.target(uid, stream)
+        if request.cid is None and request.cnew:
+            transport = self._transport(request)
+            session_state = SessionState(uid, CacheModel())
+            try:
+                channel = self.sessions.open(uid, session_state, transport, now)
+            except SessionError as e:
+                raise JpipError(e.status, e.reason) from None
+            headers.append(("JPIP-cnew", f"cid={channel.cid},path=jpip,transport={transport}"))
+
+        tid_matches = request.tid is not None and request.tid == target.tid
+        if not tid_matches:
+            headers.append(("JPIP-tid", target.tid))
+
+        window = self._window(request)
+        resolved = resolve(target.index, window)
+        for name in ("fsiz", "roff", "rsiz"):
+            if name in resolved.changed:
+                x, y = getattr(resolved, name)
+                headers.append((f"JPIP-{name}", f"{x},{y}"))
+        if "comps" in resolved.changed:
+            headers.append(("JPIP-comps", ",".join(str(c) for c in resolved.comps)))
+        if "layers" in resolved.changed:
+            headers.append(("JPIP-layers", str(resolved.layers)))
+        selected = precincts(target.index, resolved) if window.fsiz is not None else []
+        jpt = request.type == "jpt-stream"
+        content_type = "image/jpt-stream" if jpt else "image/jpp-stream"
+
+        if session_state is not None:
+            await session_state.lock.acquire()
+            model = session_state.model
+            if model.approx_bytes() > self._max_model_bytes:
+                session_state.lock.release()
+                self._end_session(request, now)
+                body = Body(target, PlanResult((), int(EorReason.SESSION_LIMIT), 0), None, None)
+                return Reply(200, tuple(headers), content_type, body)
+            # The instance was received again since the model was built: what the client
+            # holds describes other bytes, so it starts afresh (it sees the new JPIP-tid).
+            if session_state.tids.setdefault(stream, target.tid) != target.tid:
+                session_state.model = model = CacheModel()
+                session_state.tids = {stream: target.tid}
+            self._apply_specs(request, model, target, tid_matches)
+            release: Callable[[], None] | None = session_state.lock.release
+        else:
+            model = self._stateless_model(request, target, tid_matches)
+            release = None
+        try:
+            result = plan(target.bins, target.index, resolved, selected, model, stream, jpt=jpt, byte_limit=request.len)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        if request.len and not result.pieces and result.eor_reason == EorReason.BYTE_LIMIT:
+            headers.append(("JPIP-len", "100"))  # too small to carry even one message
+        return Reply(200, tuple(headers), content_type, Body(target, result, model if session_state else None, release))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _end_session(self, request: JpipRequest, now: float) -> None:
+        if request.cid is not None:
+            try:
+                self.sessions.close(request.cid, ["*"], now)
+            except SessionError:
+                pass
+
+    @staticmethod
+    def _transport(request: JpipRequest) -> str:
+        for offered in request.cnew:
+            if offered in TRANSPORTS:
+                return offered
+        raise JpipError(501, f"none of the offered transports ({', '.join(request.cnew)}) is supported")
+
+    @staticmethod
+    def _stream(request: JpipRequest, headers: list[tuple[str, str]]) -> int:
+        if not request.stream:
+            return 0
+        lo, hi, _step = request.stream[0]
+        if len(request.stream) > 1 or (hi is not None and hi != lo) or hi is None:
+            headers.append(("JPIP-stream", str(lo)))  # one codestream per request
+        return lo
+
+    @staticmethod
+    def _window(request: JpipRequest) -> Window:
+        fsiz = request.fsiz
+        return Window(
+            fsiz=(fsiz.fx, fsiz.fy) if fsiz is not None else None,
+            round=fsiz.round if fsiz is not None else "round-down",
+            roff=request.roff,
+            rsiz=request.rsiz,
+            comps=request.comps,
+            layers=request.layers,
+        )
+
+    def _apply_specs(self, request: JpipRequest, model: CacheModel, target: Target, tid_matches: bool) -> None:
+        # Statements about the client's cache only make sense for the bytes it names.
+        if request.model and (tid_matches or request.tid is None):
+            self._apply(model, request.model, target, subtractive=True)
+
+    def _stateless_model(self, request: JpipRequest, target: Target, tid_matches: bool) -> CacheModel:
+        model = CacheModel()
+        usable = tid_matches or request.tid is None
+        if request.model and usable:
+            self._apply(model, request.model, target, subtractive=True)
+        if request.need and usable:
+            # need= names what the client lacks: it holds everything else.
+            for key in target.bins.keys(target.stream):
+                length = target.bins.length(key[0], key[2]) or 0
+                model.add(key, length, complete=True)
+            self._apply(model, request.need, target, subtractive=False, invert=True)
+        return model
+
+    def _apply(
+        self, model: CacheModel, text: str, target: Target, *, subtractive: bool, invert: bool = False
+    ) -> None:
+        try:
+            spec = parse_cache_spec(text, allow_subtractive=subtractive)
+            items = [attrs.evolve(i, subtractive=True) for i in spec.items] if invert else spec.items
+            apply_spec(model, items, target.index, target.stream, bin_lengths=target.bins.length)
+        except JpipRequestError:
+            raise
+        except CacheSpecTooLarge as e:
+            raise JpipError(400, f"cache description too large: {e}") from None
+        if spec.ignored:
+            self.log.info("ignored cache items {items}", items=list(spec.ignored)[:10])
+

@@ -1,0 +1,180 @@
+"""JPIP over HTTP against the running server, validated with OpenJPEG's own JPIP tools."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_twisted
+import treq
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from twisted.internet import threads
+
+from imageshare.protocols.jpip.messages import Eor, Message, StreamParser
+from tests.helpers import sample_file, scu_store
+from tests.protocols.jpip import opj
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not opj.HAVE_TOOLS, reason="OpenJPEG's JPIP tools are not installed"),
+]
+
+
+def make_cr(folder: Path) -> tuple[Path, np.ndarray]:
+    """A 1955x1841 15-bit CR-sized image of smooth structure plus noise, as a DICOM file."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:1841, 0:1955]
+    img = 12000 + 6000 * np.sin(x / 97.0) * np.cos(y / 131.0) + rng.normal(0, 40, (1841, 1955))
+    pixels = np.clip(img, 0, 32767).astype(np.uint16)
+    ds = copy.deepcopy(dcmread(sample_file("CT_small.dcm")))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["jpip-cr"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 14, 0
+    for kw in ("RescaleIntercept", "RescaleSlope", "WindowCenter", "WindowWidth"):
+        if kw in ds:
+            delattr(ds, kw)
+    ds.PixelData = pixels.tobytes()
+    path = folder / "cr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, pixels
+
+
+class Jpip:
+    """A minimal test client: GET requests, whole bodies, headers by name."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    async def get(self, query: str) -> tuple[int, dict[str, str], bytes]:
+        response = await treq.get(f"{self.base}/jpip?{query}".encode("ascii"))
+        body = await treq.content(response)
+        headers = {k.decode().lower(): v[-1].decode() for k, v in response.headers.getAllRawHeaders()}
+        return response.code, headers, body
+
+
+def parse(body: bytes) -> list[Message | Eor]:
+    parser = StreamParser()
+    out = parser.feed(body)
+    parser.close()
+    return out
+
+
+@pytest_twisted.async_fixture
+async def served(start_server, tmp_path: Path) -> dict[str, Any]:
+    """A running server holding CT_small (signed 16-bit) and a CR-sized image, transcoded."""
+    server = await start_server()
+    cr_path, cr_pixels = make_cr(tmp_path)
+    statuses = await threads.deferToThread(scu_store, server.dicom_port, [sample_file("CT_small.dcm"), cr_path])
+    assert statuses == [0, 0]
+    await server.service.transcoder.when_idle()
+    catalog = server.service.catalog
+    cr_uid = str(dcmread(cr_path, stop_before_pixels=True).SOPInstanceUID)
+    ct = dcmread(sample_file("CT_small.dcm"))
+    frames = {uid: catalog.frames(uid)[0] for uid in (cr_uid, str(ct.SOPInstanceUID))}
+    return {
+        "server": server,
+        "client": Jpip(server.url),
+        "cr": (cr_uid, cr_pixels, frames[cr_uid]),
+        "ct": (str(ct.SOPInstanceUID), ct.pixel_array, frames[str(ct.SOPInstanceUID)]),
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_first_view_then_full_resolution(served: Any, tmp_path: Path) -> None:
+    """A new session's first view decodes exactly like opj_decompress -r N of the whole
+    codestream, stays under 3% of it, then the full resolution in the same session equals
+    the DICOM pixels, and a repeat sends nothing but the EOR."""
+    client, server = served["client"], served["server"]
+    uid, pixels, frame = served["cr"]
+    full = server.data_dir / frame.codestream_path
+    code, headers, first = await client.get(f"target={uid}&fsiz=256,256&cnew=http&type=jpp-stream")
+    assert code == 200, first
+    assert headers["content-type"] == "image/jpp-stream"
+    assert headers["cache-control"] == "no-cache"
+    cnew = dict(item.split("=", 1) for item in headers["jpip-cnew"].split(","))
+    assert cnew["path"] == "jpip" and cnew["transport"] == "http" and len(cnew["cid"]) >= 32
+    assert "jpip-tid" in headers
+    fx, fy = (int(v) for v in headers["jpip-fsiz"].split(","))
+    assert (fx, fy) == (245, 231)  # 1955x1841 at discard level 3, rounded down
+    assert first[:5] == bytes.fromhex("7008000000")  # metadata-bin 0, explicit, empty, complete
+    messages = parse(first)
+    assert isinstance(messages[-1], Eor) and messages[-1].reason == 2
+    assert len(first) <= 0.03 * full.stat().st_size
+
+    rebuilt = opj.transcode(tmp_path, first)
+    view = opj.decode(rebuilt, tmp_path, (fy, fx), precision=15, signed=False)
+    reference = opj.decode(full, tmp_path, (fy, fx), precision=15, signed=False, reduce=3)
+    np.testing.assert_array_equal(view, reference)
+
+    cid = cnew["cid"]
+    code, headers, rest = await client.get(f"cid={cid}&fsiz=1955,1841")
+    assert code == 200 and "jpip-cnew" not in headers
+    assert parse(rest)[-1] == Eor(1)  # image done
+    rebuilt = opj.transcode(tmp_path, first, rest)
+    np.testing.assert_array_equal(opj.decode(rebuilt, tmp_path, pixels.shape, precision=15, signed=False), pixels)
+    # Never twice: the two responses together hold each data-bin byte once.
+    seen: dict[tuple[int, int, int], int] = {}
+    for m in opj.messages(first, rest):
+        key = (m.bin_class, m.csn, m.bin_id)
+        assert m.offset == seen.get(key, 0), key
+        seen[key] = m.offset + len(m.data)
+
+    code, _, again = await client.get(f"cid={cid}&fsiz=1955,1841")
+    assert code == 200 and again == bytes([0, 1, 0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_signed_ct_full_session(served: Any, tmp_path: Path) -> None:
+    """A signed 16-bit CT streamed at full size in a new session decodes to the DICOM pixels."""
+    uid, pixels, frame = served["ct"]
+    code, headers, body = await served["client"].get(f"target={uid}&fsiz=128,128&cnew=http")
+    assert code == 200 and "jpip-fsiz" not in headers  # 128x128 is exact
+    rebuilt = opj.transcode(tmp_path, body)
+    decoded = opj.decode(rebuilt, tmp_path, pixels.shape, precision=frame.precision, signed=True)
+    np.testing.assert_array_equal(decoded, pixels)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stateless_region(served: Any, tmp_path: Path) -> None:
+    """A stateless region request (no channel) carries exactly that region, and far less than the image."""
+    uid, pixels, frame = served["cr"]
+    code, headers, body = await served["client"].get(f"target={uid}&fsiz=1955,1841&roff=600,700&rsiz=400,300")
+    assert code == 200 and "jpip-cnew" not in headers
+    assert len(body) < 0.2 * (served["server"].data_dir / frame.codestream_path).stat().st_size
+    rebuilt = opj.transcode(tmp_path, body)
+    decoded = opj.decode(rebuilt, tmp_path, pixels.shape, precision=15, signed=False)
+    np.testing.assert_array_equal(decoded[700:1000, 600:1000], pixels[700:1000, 600:1000])
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors(served: Any) -> None:
+    """Unknown target and channel 404, malformed 400, unsupported type 415, POST works."""
+    client = served["client"]
+    uid = served["ct"][0]
+    assert (await client.get("target=1.2.3.4&fsiz=64,64"))[0] == 404
+    assert (await client.get("target=../../etc/passwd&fsiz=64,64"))[0] == 404
+    assert (await client.get("cid=JPH_0123456789abcdef&fsiz=64,64"))[0] == 404
+    assert (await client.get(f"target={uid}&fsiz=abc"))[0] == 400
+    assert (await client.get(f"target={uid}&roff=1,1"))[0] == 400
+    assert (await client.get(f"target={uid}&fsiz=64,64&type=raw"))[0] == 415
+    assert (await client.get(f"target={uid}&fsiz=64,64&cnew=http-udp"))[0] == 501
+    code, headers, body = await client.get(f"target={uid}&fsiz=64,64&bogus=1&qid=7")
+    assert code == 200 and headers["jpip-qid"] == "7"
+    response = await treq.post(
+        f"{client.base}/jpip".encode(), data=f"target={uid}&fsiz=64,64".encode(),
+        headers={b"Content-Type": [b"application/x-www-form-urlencoded"]},
+    )
+    assert response.code == 200
+    assert (await treq.content(response))[:5] == bytes.fromhex("7008000000")
+    response = await treq.get(f"{client.base}/jpip/{uid}?fsiz=64,64".encode())
+    assert response.code == 200
+    await treq.content(response)
