@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imageshare.protocols.jpip.messages import Eor, Message, MessageEncoder, StreamParser
+from imageshare.protocols.jpip.messages import Message, MessageEncoder, StreamParser
 
 HAVE_TOOLS = all(shutil.which(t) for t in ("opj_jpip_transcode", "opj_decompress"))
 
