@@ -178,3 +178,63 @@ async def test_errors(served: Any) -> None:
     response = await treq.get(f"{client.base}/jpip/{uid}?fsiz=64,64".encode())
     assert response.code == 200
     await treq.content(response)
+
+
+def assert_never_twice(*bodies: bytes) -> None:
+    """Across the bodies of one session, every message continues its data-bin where it stopped."""
+    held: dict[tuple[int, int, int], int] = {}
+    for m in opj.messages(*bodies):
+        key = (m.bin_class, m.csn, m.bin_id)
+        assert m.offset == held.get(key, 0), f"bin {key} resent or skipped"
+        held[key] = m.offset + len(m.data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_zoom_and_pan_with_byte_limits(served: Any, tmp_path: Path) -> None:
+    """Zoom, pan and len-limited requests in one session never repeat a byte, and end exact."""
+    client = served["client"]
+    uid, pixels, _ = served["cr"]
+    code, headers, first = await client.get(f"target={uid}&fsiz=489,461&cnew=http&len=2000")
+    assert code == 200 and parse(first)[-1] == Eor(4)  # byte limit
+    assert len(first) <= 2000 + 3
+    cid = dict(i.split("=", 1) for i in headers["jpip-cnew"].split(","))["cid"]
+    bodies = [first]
+    windows = ["fsiz=489,461&len=5000", "fsiz=489,461", "fsiz=978,921&roff=100,100&rsiz=300,200",
+               "fsiz=978,921&roff=350,100&rsiz=300,200", "fsiz=1955,1841&roff=900,800&rsiz=256,256&len=20000",
+               "fsiz=1955,1841&roff=900,800&rsiz=256,256", "fsiz=1955,1841&layers=2", "fsiz=1955,1841&layers=9"]
+    for query in windows:
+        code, headers, body = await client.get(f"cid={cid}&{query}")
+        assert code == 200, body
+        bodies.append(body)
+        if "layers=9" in query:
+            assert headers["jpip-layers"] == "5"  # only 5 exist
+    assert parse(bodies[-1])[-1] == Eor(1)  # image done
+    assert_never_twice(*bodies)
+    rebuilt = opj.transcode(tmp_path, *bodies)
+    np.testing.assert_array_equal(opj.decode(rebuilt, tmp_path, pixels.shape, precision=15, signed=False), pixels)
+
+
+@pytest_twisted.ensureDeferred
+async def test_content_length_mode_limits_and_expiry(start_server, tmp_path: Path) -> None:
+    """chunked=no sends Content-Length; the session limit gives 503; idle sessions expire (404)."""
+    server = await start_server(jpip={"chunked": "no", "max_sessions": "2", "session_timeout": "1"})
+    assert await threads.deferToThread(scu_store, server.dicom_port, [sample_file("CT_small.dcm")]) == [0]
+    await server.service.transcoder.when_idle()
+    uid = str(dcmread(sample_file("CT_small.dcm"), stop_before_pixels=True).SOPInstanceUID)
+    client = Jpip(server.url)
+    response = await treq.get(f"{server.url}/jpip?target={uid}&fsiz=64,64&cnew=http".encode())
+    body = await treq.content(response)
+    assert response.length == len(body)  # the agent read a Content-Length (it drops the header)
+    assert response.headers.getRawHeaders(b"transfer-encoding") is None
+    cnew = response.headers.getRawHeaders(b"jpip-cnew")[0].decode()
+    cid = dict(i.split("=", 1) for i in cnew.split(","))["cid"]
+    assert (await client.get(f"target={uid}&fsiz=64,64&cnew=http"))[0] == 200
+    code, _, reason = await client.get(f"target={uid}&fsiz=64,64&cnew=http")
+    assert code == 503, reason
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, 2.2, lambda: None)  # past the timeout and a sweep
+    assert len(server.service.jpip.sessions) == 0
+    assert (await client.get(f"cid={cid}&fsiz=64,64"))[0] == 404
+    assert (await client.get(f"target={uid}&fsiz=64,64&cnew=http"))[0] == 200
