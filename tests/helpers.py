@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom import AE
@@ -102,3 +103,29 @@ def scu_store(port: int, paths: list[Path], *, ae_title: str = "TESTSCU", called
     finally:
         assoc.release()
     return statuses
+
+
+def make_cr(folder: Path) -> tuple[Path, np.ndarray]:
+    """A 1955x1841 15-bit CR-sized image of smooth structure plus noise, as a DICOM file."""
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:1841, 0:1955]
+    img = 12000 + 6000 * np.sin(x / 97.0) * np.cos(y / 131.0) + rng.normal(0, 40, (1841, 1955))
+    pixels = np.clip(img, 0, 32767).astype(np.uint16)
+    ds = dcmread(sample_file("CT_small.dcm"))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=["jpip-cr"])
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 14, 0
+    for kw in ("RescaleIntercept", "RescaleSlope", "WindowCenter", "WindowWidth"):
+        if kw in ds:
+            delattr(ds, kw)
+    ds.PixelData = pixels.tobytes()
+    path = folder / "cr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, pixels

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -11,41 +10,16 @@ import pytest
 import pytest_twisted
 import treq
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from twisted.internet import threads
 
 from imageshare.protocols.jpip.messages import Eor, Message, StreamParser
-from tests.helpers import sample_file, scu_store
+from tests.helpers import make_cr, sample_file, scu_store
 from tests.protocols.jpip import opj
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not opj.HAVE_TOOLS, reason="OpenJPEG's JPIP tools are not installed"),
 ]
-
-
-def make_cr(folder: Path) -> tuple[Path, np.ndarray]:
-    """A 1955x1841 15-bit CR-sized image of smooth structure plus noise, as a DICOM file."""
-    rng = np.random.default_rng(7)
-    y, x = np.mgrid[0:1841, 0:1955]
-    img = 12000 + 6000 * np.sin(x / 97.0) * np.cos(y / 131.0) + rng.normal(0, 40, (1841, 1955))
-    pixels = np.clip(img, 0, 32767).astype(np.uint16)
-    ds = copy.deepcopy(dcmread(sample_file("CT_small.dcm")))
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR Image Storage
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.SOPInstanceUID = generate_uid(entropy_srcs=["jpip-cr"])
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 14, 0
-    for kw in ("RescaleIntercept", "RescaleSlope", "WindowCenter", "WindowWidth"):
-        if kw in ds:
-            delattr(ds, kw)
-    ds.PixelData = pixels.tobytes()
-    path = folder / "cr.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path, pixels
 
 
 class Jpip:
@@ -238,3 +212,19 @@ async def test_content_length_mode_limits_and_expiry(start_server, tmp_path: Pat
     assert len(server.service.jpip.sessions) == 0
     assert (await client.get(f"cid={cid}&fsiz=64,64"))[0] == 404
     assert (await client.get(f"target={uid}&fsiz=64,64&cnew=http"))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_first_views_still_fill_each_session_model(served: Any) -> None:
+    """Two new sessions get the same first view (served from the ready-response cache), and
+    each session's model records it: a repeat in either sends only the EOR."""
+    client = served["client"]
+    uid = served["cr"][0]
+    query = f"target={uid}&fsiz=256,256&cnew=http"
+    _, h1, first = await client.get(query)
+    _, h2, second = await client.get(query)
+    assert first == second and h1["jpip-cnew"] != h2["jpip-cnew"]
+    for headers in (h1, h2):
+        cid = dict(i.split("=", 1) for i in headers["jpip-cnew"].split(","))["cid"]
+        code, _, again = await client.get(f"cid={cid}&fsiz=256,256")
+        assert code == 200 and again == bytes([0, 2, 0])

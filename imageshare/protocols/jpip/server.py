@@ -31,6 +31,10 @@ from imageshare.protocols.jpip.sessions import SessionError, SessionRegistry
 from imageshare.protocols.jpip.window import Window, precincts, resolve
 from imageshare.store.records import State
 
+# The cache of ready responses for empty models: entries, and the largest kept.
+_FRESH_ENTRIES = 256
+_FRESH_MAX_BYTES = 1 << 20
+
 #: Transports this server grants, in order of preference.
 TRANSPORTS = ("http",)
 
@@ -123,9 +127,11 @@ class Body:
         result: PlanResult,
         model: CacheModel | None,
         release: Callable[[], None] | None,
+        encoded: tuple[bytes, ...] | None = None,
     ) -> None:
         self._target = target
         self._result = result
+        self._encoded = encoded
         self._model = model
         self._release = release
         self._encoder = MessageEncoder()
@@ -138,6 +144,8 @@ class Body:
 
     def length(self) -> int:
         """Exact size of the whole body (for Content-Length)."""
+        if self._encoded is not None:
+            return sum(len(m) for m in self._encoded)
         encoder = MessageEncoder()
         encoder.reset()
         total = 0
@@ -148,6 +156,9 @@ class Body:
 
     def messages(self) -> Iterator[tuple[bytes, Piece | None]]:
         """Each message's bytes with the piece it carries (``None`` for the final EOR)."""
+        if self._encoded is not None:
+            yield from zip(self._encoded, (*self._result.pieces, None))
+            return
         data = self._target.data
         for piece in self._result.pieces:
             head = self._encoder.header(
@@ -200,6 +211,10 @@ class JpipServer:
         self._max_model_bytes = max_model_bytes
         self._targets: OrderedDict[tuple[str, int], Target] = OrderedDict()
         self._target_cache = target_cache
+        # Responses to clients that hold nothing (a new session's first view, a stateless
+        # request without model) depend only on the codestream and the window: many
+        # viewers open a study on the same first view, so those are kept ready to send.
+        self._fresh: OrderedDict[tuple[Any, ...], tuple[PlanResult, tuple[bytes, ...]]] = OrderedDict()
 
     async def target(self, sop_instance_uid: str, stream: int) -> Target:
         """The codestream to serve, from the cache or loaded off the reactor."""
@@ -221,7 +236,9 @@ class JpipServer:
     def forget(self, sop_instance_uid: str) -> None:
         """Drop cached codestreams of an instance (it was received again)."""
         for key in [k for k in self._targets if k[0] == sop_instance_uid]:
-            del self._targets[key]
+            tid = self._targets.pop(key).tid
+            for fresh in [f for f in self._fresh if f[0] == tid]:
+                del self._fresh[fresh]
 
     def expire(self) -> int:
         """Drop idle sessions (called periodically); return how many."""
@@ -309,15 +326,47 @@ class JpipServer:
         else:
             model = self._stateless_model(request, target, tid_matches)
             release = None
+        encoded: tuple[bytes, ...] | None = None
         try:
-            result = plan(target.bins, target.index, resolved, selected, model, stream, jpt=jpt, byte_limit=request.len)
+            if model.entries == 0:
+                result, encoded = self._fresh_plan(target, resolved, selected, stream, jpt, request.len)
+            else:
+                result = plan(target.bins, target.index, resolved, selected, model, stream, jpt=jpt,
+                              byte_limit=request.len)
         except BaseException:
             if release is not None:
                 release()
             raise
         if request.len and not result.pieces and result.eor_reason == EorReason.BYTE_LIMIT:
             headers.append(("JPIP-len", "100"))  # too small to carry even one message
-        return Reply(200, tuple(headers), content_type, Body(target, result, model if session_state else None, release))
+        body = Body(target, result, model if session_state else None, release, encoded)
+        return Reply(200, tuple(headers), content_type, body)
+
+    def _fresh_plan(
+        self, target: Target, resolved: Any, selected: list[tuple[int, int, int, int]], stream: int,
+        jpt: bool, byte_limit: int | None,
+    ) -> tuple[PlanResult, tuple[bytes, ...] | None]:
+        """The plan for an empty cache model, from a small cache of encoded responses."""
+        key = (target.tid, stream, resolved, jpt, byte_limit)
+        hit = self._fresh.get(key)
+        if hit is not None:
+            self._fresh.move_to_end(key)
+            return hit
+        result = plan(target.bins, target.index, resolved, selected, CacheModel(), stream, jpt=jpt,
+                      byte_limit=byte_limit)
+        if result.size > _FRESH_MAX_BYTES:
+            return result, None  # large responses are produced lazily, not kept
+        encoder = MessageEncoder()
+        encoder.reset()
+        encoded = tuple(
+            encoder.header(p.bin_class, p.csn, p.bin_id, p.bin_offset, p.length, p.complete, p.aux)
+            + p.body(target.data)
+            for p in result.pieces
+        ) + (encoder.eor(result.eor_reason),)
+        self._fresh[key] = (result, encoded)
+        while len(self._fresh) > _FRESH_ENTRIES:
+            self._fresh.popitem(last=False)
+        return result, encoded
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -89,7 +89,10 @@ class SessionRegistry(Generic[M]):
 
     def open(self, target: Any, model: M, transport: str, now: float) -> Channel:
         """Start a session with its first channel."""
-        self.expire(now)
+        # Expiry is swept periodically by the owner; scanning every session on every new
+        # one would make session creation O(n). Only at the limit is it worth a sweep.
+        if len(self._sessions) >= self.max_sessions:
+            self.expire(now)
         if len(self._sessions) >= self.max_sessions:
             raise SessionLimit(f"too many sessions ({self.max_sessions})")
         session: Session[M] = Session(target=target, model=model, last_used=now)
