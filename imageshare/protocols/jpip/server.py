@@ -215,6 +215,7 @@ class JpipServer:
         # request without model) depend only on the codestream and the window: many
         # viewers open a study on the same first view, so those are kept ready to send.
         self._fresh: OrderedDict[tuple[Any, ...], tuple[PlanResult, tuple[bytes, ...]]] = OrderedDict()
+        self._windows: OrderedDict[tuple[str, Window], tuple[Any, list[tuple[int, int, int, int]]]] = OrderedDict()
 
     async def target(self, sop_instance_uid: str, stream: int) -> Target:
         """The codestream to serve, from the cache or loaded off the reactor."""
@@ -237,8 +238,9 @@ class JpipServer:
         """Drop cached codestreams of an instance (it was received again)."""
         for key in [k for k in self._targets if k[0] == sop_instance_uid]:
             tid = self._targets.pop(key).tid
-            for fresh in [f for f in self._fresh if f[0] == tid]:
-                del self._fresh[fresh]
+            for cache in (self._fresh, self._windows):
+                for stale in [k for k in cache if k[0] == tid]:
+                    del cache[stale]
 
     def expire(self) -> int:
         """Drop idle sessions (called periodically); return how many."""
@@ -295,7 +297,7 @@ class JpipServer:
             headers.append(("JPIP-tid", target.tid))
 
         window = self._window(request)
-        resolved = resolve(target.index, window)
+        resolved, selected = self._resolve(target, window)
         for name in ("fsiz", "roff", "rsiz"):
             if name in resolved.changed:
                 x, y = getattr(resolved, name)
@@ -304,7 +306,6 @@ class JpipServer:
             headers.append(("JPIP-comps", ",".join(str(c) for c in resolved.comps)))
         if "layers" in resolved.changed:
             headers.append(("JPIP-layers", str(resolved.layers)))
-        selected = precincts(target.index, resolved) if window.fsiz is not None else []
         jpt = request.type == "jpt-stream"
         content_type = "image/jpt-stream" if jpt else "image/jpp-stream"
 
@@ -341,6 +342,20 @@ class JpipServer:
             headers.append(("JPIP-len", "100"))  # too small to carry even one message
         body = Body(target, result, model if session_state else None, release, encoded)
         return Reply(200, tuple(headers), content_type, body)
+
+    def _resolve(self, target: Target, window: Window) -> tuple[Any, list[tuple[int, int, int, int]]]:
+        """The window's geometry and precincts; viewers repeat windows, so they are memoised."""
+        key = (target.tid, window)
+        hit = self._windows.get(key)
+        if hit is not None:
+            self._windows.move_to_end(key)
+            return hit
+        resolved = resolve(target.index, window)
+        selected = precincts(target.index, resolved) if window.fsiz is not None else []
+        self._windows[key] = (resolved, selected)
+        while len(self._windows) > _FRESH_ENTRIES:
+            self._windows.popitem(last=False)
+        return resolved, selected
 
     def _fresh_plan(
         self, target: Target, resolved: Any, selected: list[tuple[int, int, int, int]], stream: int,
