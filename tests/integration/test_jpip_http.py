@@ -228,3 +228,28 @@ async def test_ready_first_views_still_fill_each_session_model(served: Any) -> N
         cid = dict(i.split("=", 1) for i in headers["jpip-cnew"].split(","))["cid"]
         code, _, again = await client.get(f"cid={cid}&fsiz=256,256")
         assert code == 200 and again == bytes([0, 2, 0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_requests_get_clean_errors(served: Any) -> None:
+    """Absurd numbers and broken cache descriptions get 4xx, and the session stays usable."""
+    client = served["client"]
+    uid = served["cr"][0]
+    _, headers, _ = await client.get(f"target={uid}&fsiz=64,64&cnew=http")
+    cid = dict(i.split("=", 1) for i in headers["jpip-cnew"].split(","))["cid"]
+    for query in (
+        f"cid={cid}&fsiz=99999999999999999999,1",
+        f"cid={cid}&fsiz=-5,10",
+        f"cid={cid}&fsiz=64,64&model=P%5B%5D,,,",
+        f"cid={cid}&fsiz=64,64&len=99999999999999999999999",
+        f"cid={cid}&fsiz=64,64&comps=5-2",
+        f"target={uid}&fsiz=64,64&need=-Hm",
+        f"target={uid}&" + "&".join(f"f{i}=1" for i in range(300)),
+    ):
+        code, _, body = await client.get(query)
+        assert 400 <= code < 500, (query[:80], code, body[:200])
+    # Absurd but valid windows are clipped, not refused.
+    code, headers, _ = await client.get(f"cid={cid}&fsiz=4000000000,4000000000&roff=3999999999,0&rsiz=10,10")
+    assert code == 200 and headers["jpip-fsiz"] == "1955,1841"
+    code, _, body = await client.get(f"cid={cid}&fsiz=64,64&model=P0:L99,H*,Hm")
+    assert code == 200, body

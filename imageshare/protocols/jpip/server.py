@@ -296,8 +296,11 @@ class JpipServer:
         if not tid_matches:
             headers.append(("JPIP-tid", target.tid))
 
-        window = self._window(request)
-        resolved, selected = self._resolve(target, window)
+        try:
+            window = self._window(request)
+            resolved, selected = self._resolve(target, window)
+        except ValueError as e:
+            raise JpipError(400, f"bad view-window: {e}") from None
         for name in ("fsiz", "roff", "rsiz"):
             if name in resolved.changed:
                 x, y = getattr(resolved, name)
@@ -322,13 +325,15 @@ class JpipServer:
             if session_state.tids.setdefault(stream, target.tid) != target.tid:
                 session_state.model = model = CacheModel()
                 session_state.tids = {stream: target.tid}
-            self._apply_specs(request, model, target, tid_matches)
             release: Callable[[], None] | None = session_state.lock.release
         else:
-            model = self._stateless_model(request, target, tid_matches)
             release = None
         encoded: tuple[bytes, ...] | None = None
         try:
+            if session_state is not None:
+                self._apply_specs(request, model, target, tid_matches)
+            else:
+                model = self._stateless_model(request, target, tid_matches)
             if model.entries == 0:
                 result, encoded = self._fresh_plan(target, resolved, selected, stream, jpt, request.len)
             else:
