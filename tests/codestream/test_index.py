@@ -136,9 +136,9 @@ class Opj:
 
 @pytest.fixture(scope="session")
 def opj(tmp_path_factory: pytest.TempPathFactory) -> Opj:
-    """Session-wide OpenJPEG runner (skips when the tools are missing)."""
+    """Session-wide OpenJPEG runner (`make test` installs the tools: missing ones are an error)."""
     if shutil.which("opj_compress") is None or shutil.which("opj_decompress") is None:
-        pytest.skip("OpenJPEG tools are not installed")
+        pytest.fail("OpenJPEG tools are not installed (Debian package libopenjp2-tools)")
     return Opj(tmp_path_factory.mktemp("opj"))
 
 
