@@ -144,6 +144,9 @@ class Piece:
     complete: bool
     source: Ranges | bytes
     aux: int | None = None
+    # Bin offsets inside the piece where a packet (or tile-part) ends: where an aligned
+    # cut may fall (``align=yes``).
+    boundaries: tuple[int, ...] = ()
 
     @property
     def key(self) -> BinKey:
@@ -373,7 +376,7 @@ def _precinct_pieces(
             start, stop = max(cumulative[layer], held), cumulative[layer + 1]
             if start < stop:
                 source = _packet_ranges(offsets, lengths, cumulative, start, stop)
-                yield Piece(PRECINCT, csn, bin_id, start, stop - start, layer == last, source)
+                yield Piece(PRECINCT, csn, bin_id, start, stop - start, layer == last, source, boundaries=(stop,))
             elif layer == last and held >= cumulative[-1]:
                 # Every byte is held but the client was never told the bin is complete.
                 yield Piece(PRECINCT, csn, bin_id, cumulative[-1], 0, True, ())
@@ -418,6 +421,7 @@ def _coalesce_pieces(pieces: Iterable[Piece]) -> Iterator[Piece]:
             pending = attrs.evolve(
                 pending, length=pending.length + piece.length, complete=piece.complete,
                 source=_coalesce(pending.source + piece.source),
+                boundaries=pending.boundaries + piece.boundaries,
             )  # fmt: skip
             continue
         if pending is not None:
@@ -427,8 +431,12 @@ def _coalesce_pieces(pieces: Iterable[Piece]) -> Iterator[Piece]:
         yield pending
 
 
-def _fit(piece: Piece, room: int) -> Piece | None:
-    """The longest head of a piece whose message fits in ``room`` bytes, if any byte fits."""
+def _fit(piece: Piece, room: int, align: bool = False) -> Piece | None:
+    """The longest head of a piece whose message fits in ``room`` bytes, if any byte fits.
+
+    With ``align``, a head that would cross a packet boundary is cut back to the last
+    boundary it reaches (a head inside the first packet crosses none and stays).
+    """
     if piece.length == 0:
         return None
     n = room - message_header_length(piece.bin_class, piece.csn, piece.bin_id, piece.bin_offset,
@@ -437,6 +445,10 @@ def _fit(piece: Piece, room: int) -> Piece | None:
     # The length VBAS of a shorter body may be a byte shorter: try to use that byte.
     while n + 1 <= piece.length and attrs.evolve(piece, length=n + 1).header_length + n + 1 <= room:
         n += 1
+    if align and n > 0:
+        reached = [b - piece.bin_offset for b in piece.boundaries if b - piece.bin_offset <= n]
+        if reached:
+            n = max(reached)
     return piece.head(n) if n > 0 else None
 
 
@@ -458,6 +470,7 @@ def plan(
     *,
     jpt: bool = False,
     byte_limit: int | None = None,
+    align: bool = False,
 ) -> PlanResult:
     """The pieces to send for one request, in order, and the EOR reason.
 
@@ -494,6 +507,9 @@ def plan(
         Plan a JPT-stream instead of a JPP-stream.
     byte_limit : int, optional
         The request's ``len``.
+    align : bool
+        The request's ``align=yes``: a piece cut by the byte limit ends at a packet
+        boundary if it crosses one.
 
     Returns
     -------
@@ -521,7 +537,7 @@ def plan(
     for piece in _coalesce_pieces(pieces()):
         cost = piece.header_length + piece.length
         if byte_limit is not None and size + cost > byte_limit:
-            cut = _fit(piece, byte_limit - size)
+            cut = _fit(piece, byte_limit - size, align)
             if cut is not None:
                 out.append(cut)
                 size += cut.header_length + cut.length

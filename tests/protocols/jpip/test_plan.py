@@ -41,13 +41,14 @@ from tests.protocols.jpip.test_window import (
 
 def run(
     data_index: tuple[bytes, CodestreamIndex], win: Window, model: CacheModel, *, jpt: bool = False,
-    byte_limit: int | None = None, csn: int = 0, bins: TargetBins | None = None,
+    byte_limit: int | None = None, csn: int = 0, bins: TargetBins | None = None, align: bool = False,
 ) -> PlanResult:  # fmt: skip
     """Resolve, select and plan one request."""
     _, index = data_index
     resolved = resolve(index, win)
     bins = bins if bins is not None else TargetBins(index)
-    return plan(bins, index, resolved, precincts(index, resolved), model, csn, jpt=jpt, byte_limit=byte_limit)
+    return plan(bins, index, resolved, precincts(index, resolved), model, csn, jpt=jpt, byte_limit=byte_limit,
+                align=align)
 
 
 def merged(pieces: list[Piece], data: bytes) -> list[tuple[tuple[int, int, int], int, int, bool, bytes]]:
@@ -295,6 +296,30 @@ def test_byte_limit_cuts_inside_a_packet() -> None:
     assert rest.eor_reason == EOR_IMAGE_DONE
     tiny = run((data, index), Window(fsiz=(100, 80)), CacheModel(), byte_limit=4)
     assert tiny.pieces == () and tiny.eor_reason == EOR_BYTE_LIMIT
+
+
+def test_aligned_byte_limits_end_messages_at_packet_boundaries() -> None:
+    """With align=yes, every precinct message cut by a byte limit ends at a packet boundary
+    unless it lies inside one packet; successive aligned plans still deliver everything."""
+    data, index = varied_codestream(11, 150, 120, tile=(64, 64), components=2, levels=3, layers=3)
+    bins = TargetBins(index)
+    win = Window(fsiz=(150, 120))
+    whole = run((data, index), win, CacheModel(), bins=bins)
+    model = CacheModel()
+    rng = random.Random(5)
+    pieces: list[Piece] = []
+    for _ in range(10_000):
+        result = run((data, index), win, model, bins=bins, byte_limit=rng.randint(50, 600), align=True)
+        for p in result.pieces:
+            if p.bin_class == PRECINCT:
+                ends = index.layer_offsets(*index.precinct_from_bin_id(p.bin_id))
+                crossing = [e for e in ends if p.bin_offset < e < p.end]
+                assert p.end in ends or not crossing, (p.bin_offset, p.end, ends)
+        commit(model, result.pieces)
+        pieces.extend(result.pieces)
+        if result.eor_reason != EOR_BYTE_LIMIT:
+            break
+    assert merged(pieces, data) == merged(list(whole.pieces), data)
 
 
 def test_commit_records_only_leading_bytes() -> None:
