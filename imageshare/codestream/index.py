@@ -52,6 +52,7 @@ from imageshare.codestream.markers import (
     TilePartHeader,
     decode_packet_lengths,
     parse_codestream,
+    parse_main_header,
 )
 
 __all__ = [
@@ -1009,3 +1010,49 @@ def build_index(data: bytes | bytearray | memoryview) -> CodestreamIndex:
         for t, (coding, grid, parts) in enumerate(zip(codings, grids, by_tile, strict=True))
     )
     return CodestreamIndex(len(view), siz, default, (0, main.end), main.segments, tiles)
+
+
+@attrs.frozen
+class TileLayout:
+    """Where each packet of a tile goes, for a codestream known only by its main header."""
+
+    coding: TileCoding
+    grid: tuple[tuple[tuple[int, int], ...], ...]  # [c][r] -> (columns, rows)
+    order: tuple[tuple[int, int, int, int], ...]  # (c, r, p, l) in codestream order
+
+
+def packet_layout(main_header: bytes | bytearray | memoryview) -> tuple[SIZ, tuple[TileLayout, ...]]:
+    """
+    The packet order of every tile from the main header alone (SOC up to, not including,
+    the first SOT), with the main header's coding for every tile.
+
+    A JPIP client has the main header and data-bins but no PLT; this tells it in which
+    order to lay the packets out when it rebuilds a codestream.
+
+    Raises
+    ------
+    CodestreamError
+        As :func:`build_index` does for a bad or unsupported main header.
+    """
+    # parse_main_header reads up to the first SOT: give it a minimal one.
+    sot = b"\xff\x90\x00\x0a\x00\x00\x00\x00\x00\x00\x00\x01"
+    main = parse_main_header(bytes(main_header) + sot)
+    if main.poc:
+        raise CodestreamError("progression order changes (POC) are not supported")
+    coding = _resolve_coding(main, None, None)
+    grids = _tile_grids(main.siz, [coding] * main.siz.num_tiles)
+    out = []
+    for t, grid in enumerate(grids):
+        bases = []
+        canonical: list[tuple[int, int, int]] = []
+        for c, res in enumerate(grid):
+            row = []
+            for r, (cols, rows) in enumerate(res):
+                row.append(len(canonical))
+                canonical.extend((c, r, p) for p in range(cols * rows))
+            bases.append(row)
+        layers = coding.layers
+        sequence = _packet_sequence(coding, grid, main.siz.tile_bounds(t), main.siz.components) if canonical else []
+        order = tuple((*canonical[int(n) // layers], int(n) % layers) for n in sequence)
+        out.append(TileLayout(coding, grid, order))
+    return main.siz, tuple(out)

@@ -253,3 +253,44 @@ async def test_hostile_requests_get_clean_errors(served: Any) -> None:
     assert code == 200 and headers["jpip-fsiz"] == "1955,1841"
     code, _, body = await client.get(f"cid={cid}&fsiz=64,64&model=P0:L99,H*,Hm")
     assert code == 200, body
+
+
+def run_cli(*args: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).parent / "imageshare-jpip")
+    return subprocess.run([cli, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_line_client(served: Any, tmp_path: Path) -> None:
+    """imageshare-jpip fetches a first view (equal to the reduced decode), a byte-limited full
+    session (equal to the DICOM pixels), a region and a layer-limited view, and saves them."""
+    from imageshare.transcode import openjpeg
+
+    server = served["server"]
+    uid, pixels, frame = served["cr"]
+    full = (server.data_dir / frame.codestream_path).read_bytes()
+    base = f"{server.url}/jpip?target={uid}"
+    r = await threads.deferToThread(run_cli, base, "--fsiz", "256,256", "-o", str(tmp_path / "v.npy"))
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), openjpeg.decode(full, reduce=3))
+    r = await threads.deferToThread(run_cli, f"{server.url}/jpip/{uid}", "--fsiz", "1955,1841", "--session",
+                                    "--len", "400000", "-o", str(tmp_path / "full.npy"))
+    assert r.returncode == 0, r.stderr
+    assert "over http" in r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "full.npy"), pixels)
+    r = await threads.deferToThread(run_cli, base, "--fsiz", "1955,1841", "--roff", "600,700", "--rsiz", "400,300",
+                                    "-o", str(tmp_path / "roi.npy"))
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "roi.npy"), pixels[700:1000, 600:1000])
+    r = await threads.deferToThread(run_cli, base, "--fsiz", "489,461", "--layers", "2",
+                                    "-o", str(tmp_path / "l2.npy"))
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "l2.npy"), openjpeg.decode(full, reduce=2, layers=2))
+    r = await threads.deferToThread(run_cli, base, "--fsiz", "128,128", "-o", str(tmp_path / "v.png"))
+    assert r.returncode == 0 and (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+    r = await threads.deferToThread(run_cli, f"{server.url}/jpip?target=1.2.3", "--fsiz", "64,64",
+                                    "-o", str(tmp_path / "x.npy"))
+    assert r.returncode != 0 and "404" in r.stderr
