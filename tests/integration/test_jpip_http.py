@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -255,10 +257,8 @@ async def test_hostile_requests_get_clean_errors(served: Any) -> None:
     assert code == 200, body
 
 
-def run_cli(*args: str) -> "subprocess.CompletedProcess[str]":
-    import subprocess
-    import sys
-
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed imageshare-jpip command."""
     cli = str(Path(sys.executable).parent / "imageshare-jpip")
     return subprocess.run([cli, *args], capture_output=True, text=True, timeout=120)
 
