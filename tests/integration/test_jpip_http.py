@@ -294,3 +294,35 @@ async def test_command_line_client(served: Any, tmp_path: Path) -> None:
     r = await threads.deferToThread(run_cli, f"{server.url}/jpip?target=1.2.3", "--fsiz", "64,64",
                                     "-o", str(tmp_path / "x.npy"))
     assert r.returncode != 0 and "404" in r.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_mr_and_rgb_sessions_and_jpt(start_server, tmp_path: Path) -> None:
+    """Full sessions of an MR and an RGB image equal the DICOM pixels after opj_jpip_transcode;
+    a JPT-stream of the RGB image does too; thousands of stateless requests leave no session."""
+    server = await start_server()
+    names = ["MR_small.dcm", "SC_rgb_small_odd.dcm"]
+    assert await threads.deferToThread(scu_store, server.dicom_port, [sample_file(n) for n in names]) == [0, 0]
+    await server.service.transcoder.when_idle()
+    client = Jpip(server.url)
+    for name in names:
+        ds = dcmread(sample_file(name))
+        pixels = ds.pixel_array
+        frame = server.service.catalog.frames(str(ds.SOPInstanceUID))[0]
+        for kind in ("jpp-stream", "jpt-stream"):
+            if kind == "jpt-stream" and pixels.ndim == 2:
+                continue
+            code, headers, body = await client.get(
+                f"target={ds.SOPInstanceUID}&fsiz={pixels.shape[1]},{pixels.shape[0]}&cnew=http&type={kind}")
+            assert code == 200 and headers["content-type"] == f"image/{kind}"
+            folder = tmp_path / f"{name}-{kind}"
+            folder.mkdir()
+            rebuilt = opj.transcode(folder, body)
+            decoded = opj.decode(rebuilt, folder, pixels.shape, precision=frame.precision, signed=frame.signed)
+            np.testing.assert_array_equal(decoded, pixels)
+    ds = dcmread(sample_file("MR_small.dcm"))
+    sessions = len(server.service.jpip.sessions)
+    for _ in range(2000):
+        code, _, _ = await client.get(f"target={ds.SOPInstanceUID}&fsiz=16,16")
+        assert code == 200
+    assert len(server.service.jpip.sessions) == sessions
