@@ -326,3 +326,39 @@ async def test_mr_and_rgb_sessions_and_jpt(start_server, tmp_path: Path) -> None
         code, _, _ = await client.get(f"target={ds.SOPInstanceUID}&fsiz=16,16")
         assert code == 200
     assert len(server.service.jpip.sessions) == sessions
+
+
+@pytest_twisted.ensureDeferred
+async def test_cors_and_second_channel(start_server) -> None:
+    """Configured origins get CORS headers exposing the JPIP ones (also on errors and preflight);
+    a second channel of a session shares its cache model; cclose ends channels."""
+    server = await start_server(jpip={"cors_origins": "https://viewer.example.org"})
+    assert await threads.deferToThread(scu_store, server.dicom_port, [sample_file("CT_small.dcm")]) == [0]
+    await server.service.transcoder.when_idle()
+    uid = str(dcmread(sample_file("CT_small.dcm"), stop_before_pixels=True).SOPInstanceUID)
+    origin = {b"Origin": [b"https://viewer.example.org"]}
+    response = await treq.get(f"{server.url}/jpip?target={uid}&fsiz=128,128&cnew=http".encode(), headers=origin)
+    await treq.content(response)
+    assert response.headers.getRawHeaders(b"access-control-allow-origin") == [b"https://viewer.example.org"]
+    assert b"JPIP-cnew" in response.headers.getRawHeaders(b"access-control-expose-headers")[0]
+    cid = dict(i.split("=", 1) for i in response.headers.getRawHeaders(b"jpip-cnew")[0].decode().split(","))["cid"]
+    other = await treq.get(f"{server.url}/jpip?target={uid}&fsiz=64,64".encode(),
+                           headers={b"Origin": [b"https://elsewhere.example.org"]})
+    await treq.content(other)
+    assert other.headers.getRawHeaders(b"access-control-allow-origin") is None
+    preflight = await treq.request("OPTIONS", f"{server.url}/jpip".encode(), headers=origin)
+    await treq.content(preflight)
+    assert preflight.code == 200 and preflight.headers.getRawHeaders(b"access-control-allow-methods")
+    missing = await treq.get(f"{server.url}/jpip?target=1.2.3&fsiz=64,64".encode(), headers=origin)
+    await treq.content(missing)
+    assert missing.code == 404 and missing.headers.getRawHeaders(b"access-control-allow-origin")
+
+    client = Jpip(server.url)
+    code, headers, _ = await client.get(f"cid={cid}&cnew=http&fsiz=128,128")
+    second = dict(i.split("=", 1) for i in headers["jpip-cnew"].split(","))["cid"]
+    assert code == 200 and second != cid
+    code, _, body = await client.get(f"cid={second}&fsiz=128,128")
+    assert body == bytes([0, 1, 0])  # the first channel already delivered everything
+    assert (await client.get(f"cid={second}&cclose={second}&fsiz=128,128"))[0] == 200
+    assert (await client.get(f"cid={second}&fsiz=128,128"))[0] == 404
+    assert (await client.get(f"cid={cid}&fsiz=128,128"))[0] == 200
