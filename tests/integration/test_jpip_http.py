@@ -320,6 +320,20 @@ async def test_mr_and_rgb_sessions_and_jpt(start_server, tmp_path: Path) -> None
             rebuilt = opj.transcode(folder, body)
             decoded = opj.decode(rebuilt, folder, pixels.shape, precision=frame.precision, signed=frame.signed)
             np.testing.assert_array_equal(decoded, pixels)
+    # Frame k of a multi-frame instance is codestream k-1 (stream=).
+    multi = dcmread(sample_file("SC_rgb_rle_2frame.dcm"))
+    assert await threads.deferToThread(scu_store, server.dicom_port, [sample_file("SC_rgb_rle_2frame.dcm")]) == [0]
+    await server.service.transcoder.when_idle()
+    rows, cols = multi.Rows, multi.Columns
+    for stream in (0, 1):
+        code, headers, body = await client.get(f"target={multi.SOPInstanceUID}&stream={stream}&fsiz={cols},{rows}")
+        assert code == 200, body
+        assert {m.csn for m in parse(body) if isinstance(m, Message)} == {stream}
+        folder = tmp_path / f"stream{stream}"
+        folder.mkdir()
+        decoded = opj.decode(opj.transcode(folder, body), folder, (rows, cols, 3), precision=8, signed=False)
+        np.testing.assert_array_equal(decoded, multi.pixel_array[stream])
+    assert (await client.get(f"target={multi.SOPInstanceUID}&stream=2&fsiz=16,16"))[0] == 404
     ds = dcmread(sample_file("MR_small.dcm"))
     sessions = len(server.service.jpip.sessions)
     for _ in range(2000):
