@@ -200,3 +200,18 @@ async def test_pdu_flood_with_tiny_max_pdu(start_server, tmp_path: Path) -> None
         ds = dcmread(f)
         archived = dcmread(server.data_dir / "archive" / server.service.archive.relative_path(ds.SOPInstanceUID))
         assert archived.PixelData == ds.PixelData
+
+
+@needs_dcmtk
+@pytest_twisted.ensureDeferred
+async def test_unlimited_max_pdu_with_dcmtk(start_server, tmp_path: Path) -> None:
+    """max_pdu = 0 (no limit) negotiates with dcmtk's storescu and stores."""
+    server = await start_server(dicom={"max_pdu": "0"})
+    make_instances(tmp_path / "in", 3, seed="nolimit")
+    result = await threads.deferToThread(
+        run_with_deadline,
+        ["storescu", "-aec", "IMAGESHARE", "127.0.0.1", str(server.dicom_port), "+sd", str(tmp_path / "in")],
+    )
+    assert result.returncode == 0, result.stderr
+    status = await wait_idle(server)
+    assert status["instances"] == 3
