@@ -141,6 +141,7 @@ class ImageShareService(MultiService):
             self.db_pool,
             max_queue=tc.max_queue,
             give_up=functools.partial(mark_failed, self.catalog),
+            on_done=lambda uid: self.jpip.forget(uid),
         )
 
         jc = config.jpip

@@ -37,6 +37,9 @@ class TranscodeService(Service):
     give_up
         Blocking callable ``(uid, reason)`` run on ``db`` when an instance kills its worker
         process twice in a row: it is then recorded as failed instead of retried forever.
+    on_done
+        Called on the reactor with the SOP Instance UID after each transcode (so that
+        caches of the old codestreams can be dropped).
     """
 
     log = Logger(namespace="imageshare.transcode")
@@ -50,6 +53,7 @@ class TranscodeService(Service):
         *,
         max_queue: int = 1024,
         give_up: Callable[[str, str], Any] | None = None,
+        on_done: Callable[[str], Any] | None = None,
     ) -> None:
         self.setName("transcoder")
         self._job = job
@@ -69,6 +73,7 @@ class TranscodeService(Service):
         self._suspects: set[str] = set()
         self._alone: str | None = None  # the suspect now running by itself
         self._give_up = give_up
+        self._on_done = on_done
         self._idle: list[Deferred[None]] = []
         self.done = 0
         self.failed = 0
@@ -110,6 +115,8 @@ class TranscodeService(Service):
             summary = await self._pool.run(self._job, uid)
             self.done += 1
             self._suspects.discard(uid)
+            if self._on_done is not None:
+                self._on_done(uid)
             self.log.info("transcoded {sop_instance_uid}: {summary}", sop_instance_uid=uid, summary=summary)
         except BrokenProcessPool:
             if uid == self._alone or self._give_up is None:

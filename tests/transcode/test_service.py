@@ -143,3 +143,17 @@ def test_when_idle_and_stop() -> None:
     svc.stopService()
     svc.enqueue("2")
     assert pool.running == []
+
+
+def test_on_done_is_called_after_each_transcode() -> None:
+    """on_done hears of every finished instance (the JPIP caches use it to drop stale codestreams)."""
+    done: list[str] = []
+    pool = SyncPool(1)
+    svc = TranscodeService(lambda uid: None, FakeCatalog([]), pool, ImmediatePool(),  # type: ignore[arg-type]
+                           on_done=done.append)
+    svc.startService()
+    svc.enqueue("1")
+    svc.enqueue("2")
+    while pool.running:
+        pool.finish_one()
+    assert done == ["1", "2"]
