@@ -59,8 +59,14 @@ class BodyProducer:
         except StopIteration:
             finished = True
         except Exception:
+            # A response cut without its EOR must not look complete to the client: drop
+            # the connection instead of ending the body normally.
             log.failure("building a JPIP response failed")
-            finished = True
+            self._done = True
+            self._body.close()
+            self._request.unregisterProducer()
+            self._request.loseConnection()
+            return
         if batch:
             self._request.write(b"".join(m for m, _ in batch))
             for message, piece in batch:
