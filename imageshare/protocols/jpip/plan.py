@@ -431,6 +431,30 @@ def _coalesce_pieces(pieces: Iterable[Piece]) -> Iterator[Piece]:
         yield pending
 
 
+def _split_pieces(pieces: Iterable[Piece], max_message: int) -> Iterator[Piece]:
+    """Cut pieces whose message would exceed ``max_message`` bytes into consecutive ones."""
+    for piece in pieces:
+        while piece.header_length + piece.length > max_message:
+            head = _fit(piece, max_message)
+            if head is None:
+                raise ValueError(f"max_message {max_message} cannot hold a message header")
+            yield head
+            piece = _tail(piece, head.length)
+        yield piece
+
+
+def _tail(piece: Piece, start: int) -> Piece:
+    """The piece without its first ``start`` bytes."""
+    if isinstance(piece.source, bytes):
+        source: Ranges | bytes = piece.source[start:]
+    else:
+        source = _slice(piece.source, start, piece.length)
+    return attrs.evolve(
+        piece, bin_offset=piece.bin_offset + start, length=piece.length - start, source=source,
+        boundaries=tuple(b for b in piece.boundaries if b > piece.bin_offset + start),
+    )  # fmt: skip
+
+
 def _fit(piece: Piece, room: int, align: bool = False) -> Piece | None:
     """The longest head of a piece whose message fits in ``room`` bytes, if any byte fits.
 
@@ -471,6 +495,7 @@ def plan(
     jpt: bool = False,
     byte_limit: int | None = None,
     align: bool = False,
+    max_message: int | None = None,
 ) -> PlanResult:
     """The pieces to send for one request, in order, and the EOR reason.
 
@@ -510,6 +535,9 @@ def plan(
     align : bool
         The request's ``align=yes``: a piece cut by the byte limit ends at a packet
         boundary if it crosses one.
+    max_message : int, optional
+        Largest message (header and body) a piece may make: http-tcp chunks carry whole
+        messages of at most 65527 bytes, so longer pieces are cut into consecutive ones.
 
     Returns
     -------
@@ -534,7 +562,8 @@ def plan(
 
     out: list[Piece] = []
     size = 0
-    for piece in _coalesce_pieces(pieces()):
+    coalesced = _coalesce_pieces(pieces())
+    for piece in coalesced if max_message is None else _split_pieces(coalesced, max_message):
         cost = piece.header_length + piece.length
         if byte_limit is not None and size + cost > byte_limit:
             cut = _fit(piece, byte_limit - size, align)

@@ -428,3 +428,17 @@ def test_client_reconstruction_from_the_pieces_decodes_the_window() -> None:
     (ox, oy), (sx, sy) = resolved.roff, resolved.rsiz
     assert np.array_equal(partial[:, oy : oy + sy, ox : ox + sx], full[:, oy : oy + sy, ox : ox + sx])
     assert not np.array_equal(partial, full)
+
+
+def test_max_message_splits_long_pieces_for_http_tcp() -> None:
+    """With max_message, no message exceeds it, and the split pieces carry the same bytes."""
+    data, index = varied_codestream(11, 150, 120, tile=(64, 64), components=2, levels=3, layers=3)
+    bins = TargetBins(index)
+    win = Window(fsiz=(150, 120))
+    whole = run((data, index), win, CacheModel(), bins=bins)
+    resolved = resolve(index, win)
+    split = plan(bins, index, resolved, precincts(index, resolved), CacheModel(), 0, max_message=40)
+    assert all(p.header_length + p.length <= 40 for p in split.pieces)
+    assert len(split.pieces) > len(whole.pieces)
+    assert merged(list(split.pieces), data) == merged(list(whole.pieces), data)
+    assert split.eor_reason == whole.eor_reason
