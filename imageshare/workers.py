@@ -77,6 +77,7 @@ class ProcessPoolService(Service):
         self._initializer = initializer
         self._initargs = initargs
         self._executor: ProcessPoolExecutor | None = None
+        self._broken: list[ProcessPoolExecutor] = []
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -120,7 +121,12 @@ class ProcessPoolService(Service):
             return  # already replaced (every job of the broken pool reports it)
         self.log.error("a {name} worker process died; starting a new pool", name=self.name)
         self._executor = self._new_executor()
+        # A surviving worker of a broken pool can be left waiting on its queue, and the
+        # executor's management thread (and interpreter exit after it) then waits for it
+        # for ever. Stop the survivors now, and make sure again at stop.
+        _stop_workers(broken, kill=False)
         broken.shutdown(wait=False, cancel_futures=True)
+        self._broken.append(broken)
 
     def startService(self) -> None:
         super().startService()
@@ -130,9 +136,23 @@ class ProcessPoolService(Service):
         super().stopService()
         executor, self._executor = self._executor, None
 
+        broken, self._broken = self._broken, []
+
         def shutdown() -> None:
+            for b in broken:
+                _stop_workers(b, kill=True)
             if executor is not None:
                 executor.shutdown(wait=True, cancel_futures=True)
 
         # Waiting for workers blocks: do it off the reactor.
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), shutdown)
+
+
+def _stop_workers(executor: ProcessPoolExecutor, *, kill: bool) -> None:
+    """Terminate (or kill) the worker processes of an executor that are still alive."""
+    # The executor keeps no public handle on its processes.
+    for process in list((getattr(executor, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.kill() if kill else process.terminate()
+            if kill:
+                process.join(5)

@@ -35,5 +35,7 @@ async def test_poison_instance_is_given_up_and_others_complete(reactor) -> None:
         assert await pool.run(crashy.job, "ok-4") == "done ok-4"
     finally:
         svc.stopService()
-        await pool.stopService()
-        db.stopService()
+        try:
+            await pool.stopService()
+        finally:
+            db.stopService()
