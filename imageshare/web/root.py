@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import Callable
+
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+
+from imageshare.web.channel import ArrivalRequest, ScanningHTTPChannel
+from imageshare.web.pipeline import ScannedRequest
+
+log = Logger(namespace="imageshare.http")
 
 
 class RootResource(Resource):
@@ -15,11 +24,29 @@ class RootResource(Resource):
 
 
 class QuietSite(Site):
-    """A Site that writes no access log unless asked: URLs may carry identifiers."""
+    """
+    A Site that writes no access log unless asked (URLs may carry identifiers), and whose
+    channels number requests as they arrive and report each one early to
+    :attr:`observers` (``observer(request, arrival)``), for JPIP pre-emption.
+    """
 
-    def __init__(self, resource: Resource, *, request_log: bool) -> None:
+    protocol = ScanningHTTPChannel
+    requestFactory = ArrivalRequest
+
+    def __init__(
+        self, resource: Resource, *, request_log: bool, next_arrival: Callable[[], int] | None = None
+    ) -> None:
         super().__init__(resource)
         self._request_log = request_log
+        self.next_arrival = next_arrival or itertools.count(1).__next__
+        self.observers: list[Callable[[ScannedRequest, int], None]] = []
+
+    def request_arrived(self, request: ScannedRequest, arrival: int) -> None:
+        for observer in self.observers:
+            try:
+                observer(request, arrival)
+            except Exception:
+                log.failure("a request observer failed")
 
     def log(self, request: object) -> None:
         if self._request_log:
