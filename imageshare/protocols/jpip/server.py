@@ -1,23 +1,31 @@
 """
 The JPIP server: from a parsed request to a reply (status, headers, messages).
 
-Transport-independent: the HTTP resource (``http.py``) and, later, the http-tcp channel
-feed it requests and write out what it returns. It owns the sessions and the target
-cache; every blocking step (catalog lookups, reading and mapping codestreams) goes to the
-catalog pool, so the reactor thread only plans and frames messages.
+Transport-independent: the HTTP resource (``http.py``) feeds it requests and writes out
+what it returns, over HTTP or, for ``http-tcp`` channels, through the auxiliary TCP
+channel (``tcp.py``). It owns the sessions and the target cache; every blocking step
+(catalog lookups, reading and mapping codestreams) goes to the catalog pool, so the
+reactor thread only plans and frames messages.
+
+Pre-emption (15444-9 C.3.3 / KDU ``preempt_request``): requests are numbered as they
+arrive (the HTTP channel numbers pipelined requests before Twisted gets to them). A
+request on a channel without ``wait=yes`` cuts every earlier response of that channel at
+the next message boundary with EOR 3, whether it is streaming or still waiting its turn.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import mmap
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import attrs
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imageshare.codestream.index import CodestreamIndex
 from imageshare.dicom.uids import is_valid_uid
@@ -27,7 +35,8 @@ from imageshare.protocols.jpip.cachespec import parse_cache_spec
 from imageshare.protocols.jpip.messages import EorReason, MessageEncoder
 from imageshare.protocols.jpip.plan import Piece, PlanResult, TargetBins, commit, plan
 from imageshare.protocols.jpip.request import JpipRequest, JpipRequestError
-from imageshare.protocols.jpip.sessions import SessionError, SessionRegistry
+from imageshare.protocols.jpip.sessions import Channel, SessionError, SessionRegistry
+from imageshare.protocols.jpip.tcpchunks import MAX_MESSAGE
 from imageshare.protocols.jpip.window import Window, precincts, resolve
 from imageshare.store.records import State
 
@@ -35,8 +44,8 @@ from imageshare.store.records import State
 _FRESH_ENTRIES = 256
 _FRESH_MAX_BYTES = 1 << 20
 
-#: Transports this server grants, in order of preference.
-TRANSPORTS = ("http",)
+#: Transports this server can grant, in order of preference (http-tcp needs its listener).
+TRANSPORTS = ("http-tcp", "http")
 
 # Headers a browser client must be allowed to read (CORS).
 EXPOSED_HEADERS = (
@@ -104,12 +113,14 @@ class SessionState:
 
 @attrs.frozen
 class Reply:
-    """Status line, JPIP headers and (for 200) the messages to send."""
+    """Status line, JPIP headers and the messages to send, with the channel that carries them."""
 
     status: int
     headers: tuple[tuple[str, str], ...]
     content_type: str
-    body: "Body | None"
+    body: "Body"
+    cid: str | None = None  # the channel whose transport carries the body (None: stateless)
+    transport: str = "http"
 
 
 class Body:
@@ -119,6 +130,10 @@ class Body:
     :meth:`messages` yields one message at a time (header and body); the caller calls
     :meth:`sent` once those bytes are handed to the transport, so a response cut short
     leaves the model exact. The session's lock is released by :meth:`close`.
+
+    A body on a channel can be pre-empted (:meth:`cut`): the messages end at the next
+    boundary with EOR 3. The transport sets :attr:`on_cut` to act at once, even while it
+    is waiting for its peer, so that the next request is not held up by a slow reader.
     """
 
     def __init__(
@@ -128,6 +143,9 @@ class Body:
         model: CacheModel | None,
         release: Callable[[], None] | None,
         encoded: tuple[bytes, ...] | None = None,
+        *,
+        arrival: int = 0,
+        channel: Channel | None = None,
     ) -> None:
         self._target = target
         self._result = result
@@ -137,10 +155,35 @@ class Body:
         self._encoder = MessageEncoder()
         self._encoder.reset()  # explicit class and codestream on the first message
         self.bytes_sent = 0
+        self.arrival = arrival
+        self._channel = channel
+        #: False where the length was promised up front (Content-Length framing).
+        self.preemptible = channel is not None
+        self.on_cut: Callable[[], None] | None = None
+        self._cut = False
+        self._finished = False  # every planned message has been yielded
+        if channel is not None:
+            channel.active = self
+            self._cut = channel.cut_before > arrival  # a newer request came while this one queued
 
     @property
     def eor_reason(self) -> int:
+        if self._cut and not self._finished:
+            return int(EorReason.WINDOW_CHANGE)
         return self._result.eor_reason
+
+    @property
+    def is_cut(self) -> bool:
+        """Pre-empted before all its messages went out."""
+        return self._cut and not self._finished
+
+    def cut(self) -> None:
+        """A newer request pre-empts this response (no effect once it is complete)."""
+        if self._cut or self._finished or not self.preemptible or self._channel is None:
+            return  # already cut, complete, closed, or its length was promised
+        self._cut = True
+        if self.on_cut is not None:
+            self.on_cut()
 
     def length(self) -> int:
         """Exact size of the whole body (for Content-Length)."""
@@ -156,15 +199,20 @@ class Body:
 
     def messages(self) -> Iterator[tuple[bytes, Piece | None]]:
         """Each message's bytes with the piece it carries (``None`` for the final EOR)."""
-        if self._encoded is not None:
-            yield from zip(self._encoded, (*self._result.pieces, None))
-            return
+        pieces = self._result.pieces
         data = self._target.data
-        for piece in self._result.pieces:
+        for i, piece in enumerate(pieces):
+            if self._cut and self.preemptible:
+                yield self._encoder.eor(EorReason.WINDOW_CHANGE), None
+                return
+            if self._encoded is not None:
+                yield self._encoded[i], piece
+                continue
             head = self._encoder.header(
                 piece.bin_class, piece.csn, piece.bin_id, piece.bin_offset, piece.length, piece.complete, piece.aux
             )
             yield head + piece.body(data), piece
+        self._finished = True
         yield self._encoder.eor(self._result.eor_reason), None
 
     def sent(self, message: bytes, piece: Piece | None) -> None:
@@ -174,6 +222,10 @@ class Body:
             commit(self._model, [piece])
 
     def close(self) -> None:
+        if self._channel is not None:
+            if self._channel.active is self:
+                self._channel.active = None
+            self._channel = None
         if self._release is not None:
             release, self._release = self._release, None
             release()
@@ -189,6 +241,8 @@ class JpipServer:
         ``(sop_instance_uid, stream) -> Deferred[Target | None]`` (runs the loader on a pool).
     now
         Current time in seconds (``reactor.seconds`` or a ``Clock``'s).
+    aux_port
+        Where the http-tcp listener listens (set once it does); ``None``: http only.
     """
 
     log = Logger(namespace="imageshare.jpip")
@@ -202,12 +256,18 @@ class JpipServer:
         max_sessions: int = 1000,
         max_model_bytes: int = 8 << 20,
         target_cache: int = 64,
+        aux_port: int | None = None,
     ) -> None:
         self._load = load
         self._now = now
+        self.aux_port = aux_port
+        #: Called with every channel that ends, so transports can let go of it.
+        self.channel_closed: list[Callable[[Channel], None]] = []
         self.sessions: SessionRegistry[SessionState] = SessionRegistry(
-            idle_timeout=session_timeout, max_sessions=max_sessions
+            idle_timeout=session_timeout, max_sessions=max_sessions, on_close=self._closed
         )
+        self._arrivals = itertools.count(1)
+        self._loading: dict[tuple[str, int], list[Deferred[Target | None]]] = {}
         self._max_model_bytes = max_model_bytes
         self._targets: OrderedDict[tuple[str, int], Target] = OrderedDict()
         self._target_cache = target_cache
@@ -217,22 +277,59 @@ class JpipServer:
         self._fresh: OrderedDict[tuple[Any, ...], tuple[PlanResult, tuple[bytes, ...]]] = OrderedDict()
         self._windows: OrderedDict[tuple[str, Window], tuple[Any, list[tuple[int, int, int, int]]]] = OrderedDict()
 
+    def next_arrival(self) -> int:
+        """Number a request as it arrives: later requests pre-empt earlier ones."""
+        return next(self._arrivals)
+
+    def preempt(self, cid: str, arrival: int) -> None:
+        """Request ``arrival`` came on channel ``cid`` without ``wait=yes``: cut what came before."""
+        channel = self.sessions.find(cid)
+        if channel is None:
+            return
+        channel.cut_before = max(channel.cut_before, arrival)
+        body = channel.active
+        if body is not None and body.arrival < arrival:
+            body.cut()
+
+    def _closed(self, channel: Channel) -> None:
+        for hook in self.channel_closed:
+            hook(channel)
+
     async def target(self, sop_instance_uid: str, stream: int) -> Target:
         """The codestream to serve, from the cache or loaded off the reactor."""
         key = (sop_instance_uid, stream)
         target = self._targets.get(key)
-        if target is None:
-            if not is_valid_uid(sop_instance_uid):
-                raise JpipError(404, "no such target")
-            target = await self._load(sop_instance_uid, stream)
-            if target is None:
-                raise JpipError(404, "no such target, or it is not (yet) streamable")
-            self._targets[key] = target
+        if target is not None:
+            self._targets.move_to_end(key)
+            return target
+        if not is_valid_uid(sop_instance_uid):
+            raise JpipError(404, "no such target")
+        # Requests for a codestream being loaded wait for that one load, and resume in the
+        # order they came: the requests of a session must reach its lock in arrival order.
+        waiters = self._loading.get(key)
+        first = waiters is None
+        if waiters is None:
+            waiters = self._loading[key] = []
+        waiting: Deferred[Target | None] = Deferred()
+        waiters.append(waiting)
+        if first:
+            maybeDeferred(self._load, sop_instance_uid, stream).addBoth(self._loaded, key)
+        loaded = await waiting
+        if loaded is None:
+            raise JpipError(404, "no such target, or it is not (yet) streamable")
+        return loaded
+
+    def _loaded(self, result: Any, key: tuple[str, int]) -> None:
+        waiters = self._loading.pop(key, [])
+        if isinstance(result, Target):
+            self._targets[key] = result
             while len(self._targets) > self._target_cache:
                 self._targets.popitem(last=False)
-        else:
-            self._targets.move_to_end(key)
-        return target
+        for waiting in waiters:
+            if isinstance(result, Failure):
+                waiting.errback(result)
+            else:
+                waiting.callback(result)
 
     def forget(self, sop_instance_uid: str) -> None:
         """Drop cached codestreams of an instance (it was received again)."""
@@ -246,21 +343,26 @@ class JpipServer:
         """Drop idle sessions (called periodically); return how many."""
         return len(self.sessions.expire(self._now()))
 
-    async def respond(self, request: JpipRequest) -> Reply:
+    async def respond(self, request: JpipRequest, arrival: int | None = None) -> Reply:
         """
-        Serve one request.
+        Serve one request; ``arrival`` numbers it (:meth:`next_arrival`) for pre-emption.
 
         Raises
         ------
         JpipError
             For 4xx/5xx answers (unknown target or channel, limits, bad combinations).
         """
+        if arrival is None:
+            arrival = self.next_arrival()
+        if request.cid is not None and not request.wait:
+            self.preempt(request.cid, arrival)
         now = self._now()
         headers: list[tuple[str, str]] = []
         if request.qid is not None:
             headers.append(("JPIP-qid", str(request.qid)))
         stream = self._stream(request, headers)
         session_state: SessionState | None = None
+        channel: Channel | None = None
         try:
             if request.cid is not None:
                 channel = self.sessions.channel(request.cid, now)
@@ -268,8 +370,9 @@ class JpipServer:
                 if request.target is not None and request.target != session_state.sop_instance_uid:
                     raise JpipError(400, "a session serves one target; open a new session for another")
                 if request.cnew:
-                    granted = self.sessions.add_channel(request.cid, self._transport(request), now)
-                    headers.append(("JPIP-cnew", f"cid={granted.cid},path=jpip,transport={granted.transport}"))
+                    # The response to the request that opens a channel travels on it.
+                    channel = self.sessions.add_channel(request.cid, self._transport(request), now)
+                    headers.append(("JPIP-cnew", self._cnew(channel)))
                 if request.cclose:
                     self.sessions.close(request.cid, request.cclose, now)
                 uid = session_state.sop_instance_uid
@@ -282,15 +385,19 @@ class JpipServer:
         except SessionError as e:
             raise JpipError(e.status, e.reason) from None
 
+        new_transport = self._transport(request) if request.cid is None and request.cnew else None
         target = await self.target(uid, stream)
-        if request.cid is None and request.cnew:
-            transport = self._transport(request)
+        if new_transport is not None:
             session_state = SessionState(uid, CacheModel())
             try:
-                channel = self.sessions.open(uid, session_state, transport, now)
+                channel = self.sessions.open(uid, session_state, new_transport, now)
             except SessionError as e:
                 raise JpipError(e.status, e.reason) from None
-            headers.append(("JPIP-cnew", f"cid={channel.cid},path=jpip,transport={transport}"))
+            headers.append(("JPIP-cnew", self._cnew(channel)))
+        if channel is not None and self.sessions.find(channel.cid) is None:
+            channel = None  # cclose ended this channel: the answer goes back on the request
+        transport = channel.transport if channel is not None else "http"
+        max_message = MAX_MESSAGE if transport == "http-tcp" else None  # chunks hold whole messages
 
         tid_matches = request.tid is not None and request.tid == target.tid
         if not tid_matches:
@@ -319,7 +426,7 @@ class JpipServer:
                 session_state.lock.release()
                 self._end_session(request, now)
                 body = Body(target, PlanResult((), int(EorReason.SESSION_LIMIT), 0), None, None)
-                return Reply(200, tuple(headers), content_type, body)
+                return Reply(200, tuple(headers), content_type, body, None, "http")
             # The instance was received again since the model was built: what the client
             # holds describes other bytes, so it starts afresh (it sees the new JPIP-tid).
             if session_state.tids.setdefault(stream, target.tid) != target.tid:
@@ -334,19 +441,23 @@ class JpipServer:
                 self._apply_specs(request, model, target, tid_matches)
             else:
                 model = self._stateless_model(request, target, tid_matches)
-            if model.entries == 0:
-                result, encoded = self._fresh_plan(target, resolved, selected, stream, jpt, request.len)
+            if channel is not None and channel.cut_before > arrival:
+                result = PlanResult((), int(EorReason.WINDOW_CHANGE), 0)  # pre-empted while it queued
+            elif model.entries == 0:
+                result, encoded = self._fresh_plan(target, resolved, selected, stream, jpt, request.len,
+                                                   request.align, max_message)
             else:
                 result = plan(target.bins, target.index, resolved, selected, model, stream, jpt=jpt,
-                              byte_limit=request.len)
+                              byte_limit=request.len, align=request.align, max_message=max_message)
         except BaseException:
             if release is not None:
                 release()
             raise
         if request.len and not result.pieces and result.eor_reason == EorReason.BYTE_LIMIT:
             headers.append(("JPIP-len", "100"))  # too small to carry even one message
-        body = Body(target, result, model if session_state else None, release, encoded)
-        return Reply(200, tuple(headers), content_type, body)
+        body = Body(target, result, model if session_state else None, release, encoded,
+                    arrival=arrival, channel=channel)
+        return Reply(200, tuple(headers), content_type, body, channel.cid if channel else None, transport)
 
     def _resolve(self, target: Target, window: Window) -> tuple[Any, list[tuple[int, int, int, int]]]:
         """The window's geometry and precincts; viewers repeat windows, so they are memoised."""
@@ -364,16 +475,16 @@ class JpipServer:
 
     def _fresh_plan(
         self, target: Target, resolved: Any, selected: list[tuple[int, int, int, int]], stream: int,
-        jpt: bool, byte_limit: int | None,
+        jpt: bool, byte_limit: int | None, align: bool, max_message: int | None,
     ) -> tuple[PlanResult, tuple[bytes, ...] | None]:
         """The plan for an empty cache model, from a small cache of encoded responses."""
-        key = (target.tid, stream, resolved, jpt, byte_limit)
+        key = (target.tid, stream, resolved, jpt, byte_limit, align, max_message)
         hit = self._fresh.get(key)
         if hit is not None:
             self._fresh.move_to_end(key)
             return hit
         result = plan(target.bins, target.index, resolved, selected, CacheModel(), stream, jpt=jpt,
-                      byte_limit=byte_limit)
+                      byte_limit=byte_limit, align=align, max_message=max_message)
         if result.size > _FRESH_MAX_BYTES:
             return result, None  # large responses are produced lazily, not kept
         encoder = MessageEncoder()
@@ -397,12 +508,18 @@ class JpipServer:
             except SessionError:
                 pass
 
-    @staticmethod
-    def _transport(request: JpipRequest) -> str:
-        for offered in request.cnew:
-            if offered in TRANSPORTS:
-                return offered
+    def _transport(self, request: JpipRequest) -> str:
+        """The transport to grant: the best of ours the client offered (never one it did not)."""
+        for ours in TRANSPORTS:
+            if ours in request.cnew and (ours != "http-tcp" or self.aux_port is not None):
+                return ours
         raise JpipError(501, f"none of the offered transports ({', '.join(request.cnew)}) is supported")
+
+    def _cnew(self, channel: Channel) -> str:
+        granted = f"cid={channel.cid},path=jpip,transport={channel.transport}"
+        if channel.transport == "http-tcp":
+            granted += f",auxport={self.aux_port}"
+        return granted
 
     @staticmethod
     def _stream(request: JpipRequest, headers: list[tuple[str, str]]) -> int:

@@ -10,7 +10,7 @@ free of clocks").
 from __future__ import annotations
 
 import secrets
-from typing import Any, Generic, Iterable, TypeVar
+from typing import Any, Callable, Generic, Iterable, TypeVar
 
 import attrs
 
@@ -44,6 +44,10 @@ class Channel:
     cid: str
     transport: str
     session: "Session[Any]"
+    #: Requests that arrived before this number are pre-empted (a newer one came without wait=yes).
+    cut_before: int = 0
+    #: What the transport is sending for this channel now (opaque here; the server's Body).
+    active: Any = None
 
 
 @attrs.define(eq=False)
@@ -75,12 +79,23 @@ class SessionRegistry(Generic[M]):
         Sessions alive at once; beyond it new sessions are refused (503).
     max_channels
         Channels per session.
+    on_close
+        Called with every channel that ends (``cclose``, expiry, its session dropped), so
+        that the owner can release what the channel holds (a TCP connection, a response).
     """
 
-    def __init__(self, *, idle_timeout: float, max_sessions: int, max_channels: int = 8) -> None:
+    def __init__(
+        self,
+        *,
+        idle_timeout: float,
+        max_sessions: int,
+        max_channels: int = 8,
+        on_close: Callable[[Channel], None] | None = None,
+    ) -> None:
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
         self.max_channels = max_channels
+        self._on_close = on_close
         self._channels: dict[str, Channel] = {}
         self._sessions: set[Session[M]] = set()
 
@@ -148,9 +163,15 @@ class SessionRegistry(Generic[M]):
             if channel is not None:
                 channel.session.channels.pop(c, None)
                 closed.append(c)
+                self._closed(channel)
                 if not channel.session.channels:
                     self._drop(channel.session)
         return closed
+
+    def find(self, cid: str) -> Channel | None:
+        """The live channel ``cid``, without touching its session (for transports)."""
+        channel = self._channels.get(cid)
+        return None if channel is None or channel.session.closed else channel
 
     def expire(self, now: float) -> list[Session[M]]:
         """Drop idle sessions; return them (the caller may log or release resources)."""
@@ -161,7 +182,14 @@ class SessionRegistry(Generic[M]):
 
     def _drop(self, session: Session[M]) -> None:
         session.closed = True
+        channels = list(session.channels.values())
         for c in session.channels:
             self._channels.pop(c, None)
         session.channels.clear()
         self._sessions.discard(session)
+        for channel in channels:
+            self._closed(channel)
+
+    def _closed(self, channel: Channel) -> None:
+        if self._on_close is not None:
+            self._on_close(channel)

@@ -66,3 +66,95 @@ def test_expire_is_driven_by_the_clock(target: Target) -> None:
     assert server.expire() == 0
     now[0] = 20
     assert server.expire() == 1 and len(server.sessions) == 0
+
+
+def _cid(reply) -> str:  # type: ignore[no-untyped-def]
+    return dict(reply.headers)["JPIP-cnew"].split(",")[0].split("=", 1)[1]
+
+
+def respond_at(server: JpipServer, query: str, arrival: int):  # type: ignore[no-untyped-def]
+    """Start serving a request numbered ``arrival``; the Deferred of its reply."""
+    return ensureDeferred(server.respond(parse_request("GET", None, query.encode(), None, None, None), arrival))
+
+
+def test_transports_granted_only_when_offered_and_available(target: Target) -> None:
+    """http-tcp is granted when offered and the aux listener is up (with auxport), else http
+    if offered, else 501."""
+    server = JpipServer(lambda u, s: succeed(target), lambda: 0.0)
+    reply = respond(server, "target=1.2.3&fsiz=100,75&cnew=http-tcp,http")
+    assert "transport=http," in dict(reply.headers)["JPIP-cnew"] + "," and reply.transport == "http"
+    drain(reply)
+    with pytest.raises(JpipError) as info:
+        respond(server, "target=1.2.3&fsiz=100,75&cnew=http-tcp")
+    assert info.value.status == 501
+    server.aux_port = 4321
+    reply = respond(server, "target=1.2.3&fsiz=100,75&cnew=http,http-tcp")
+    assert dict(reply.headers)["JPIP-cnew"].endswith(",path=jpip,transport=http-tcp,auxport=4321")
+    assert (reply.transport, reply.cid) == ("http-tcp", _cid(reply))
+    messages = [m for m, _ in reply.body.messages()]
+    assert max(len(m) for m in messages) <= 65535 - 8  # whole messages fit a chunk
+    reply.body.close()
+
+
+def test_newer_request_cuts_the_streaming_response(target: Target) -> None:
+    """A request without wait=yes cuts the channel's streaming response at the next message
+    boundary with EOR 3; the model holds exactly what was sent, so the next response starts
+    there; with wait=yes nothing is cut."""
+    server = JpipServer(lambda u, s: succeed(target), lambda: 0.0)
+    cid = _cid(first := respond(server, "target=1.2.3&fsiz=50,38&cnew=http"))
+    drain(first)
+    full = respond(server, f"cid={cid}&fsiz=400,300")
+    cuts: list[bool] = []
+    full.body.on_cut = lambda: cuts.append(True)
+    messages = full.body.messages()
+    sent = []
+    for _ in range(3):
+        message, piece = next(messages)
+        full.body.sent(message, piece)
+        sent.append(message)
+    waiting = respond_at(server, f"cid={cid}&fsiz=400,300&wait=yes", server.next_arrival())
+    assert cuts == [] and not waiting.called  # queued behind, not cutting
+    newer = respond_at(server, f"cid={cid}&fsiz=400,300", server.next_arrival())
+    assert cuts == [True] and full.body.is_cut
+    eor, piece = next(messages)
+    assert (eor, piece) == (bytes([0, 3, 0]), None)
+    full.body.sent(eor, piece)
+    full.body.close()
+    # The waiting request came before the newer one: it is cut before it starts.
+    skipped = waiting.result
+    assert drain(skipped) == bytes([0, 3, 0])
+    rest = newer.result
+    body = drain(rest)
+    assert body.endswith(bytes([0, 1, 0]))
+    from imageshare.protocols.jpip.messages import Message, StreamParser
+
+    parser = StreamParser()
+    got = [m for m in parser.feed(b"".join(sent) + body) if isinstance(m, Message)]
+    seen: dict[tuple[int, int], int] = {}
+    for m in got:
+        assert m.offset == seen.get((m.bin_class, m.bin_id), 0)  # no gap, nothing twice
+        seen[(m.bin_class, m.bin_id)] = m.offset + len(m.data)
+
+
+def test_concurrent_loads_share_one_and_keep_arrival_order(target: Target) -> None:
+    """Requests for a codestream being loaded wait for the one load and resume in order."""
+    from twisted.internet.defer import Deferred
+
+    loads: list[Deferred[Target]] = []
+
+    def load(uid: str, stream: int) -> Deferred[Target]:
+        loads.append(Deferred())
+        return loads[-1]
+
+    server = JpipServer(load, lambda: 0.0)
+    order: list[str] = []
+    a = ensureDeferred(server.target("1.2.3", 0)).addCallback(lambda t: order.append("a"))
+    b = ensureDeferred(server.target("1.2.3", 0)).addCallback(lambda t: order.append("b"))
+    assert len(loads) == 1
+    loads[0].callback(target)
+    assert order == ["a", "b"] and a.called and b.called
+    failures: list[Failure] = []
+    ensureDeferred(server.target("1.2.4", 0)).addErrback(failures.append)
+    loads[1].errback(RuntimeError("disk gone"))
+    assert failures and failures[0].check(RuntimeError)
+    assert ("1.2.4", 0) not in server._loading  # a later request tries again
