@@ -76,6 +76,9 @@ class JpipConfig:
     chunked: bool
     cors_origins: tuple[str, ...]
     target_cache: int
+    tcp_listen: str | None
+    tcp_window: int
+    tcp_attach_timeout: float
 
 
 @attrs.frozen
@@ -143,6 +146,11 @@ def _http_endpoint(text: str) -> str:
     if not re.match(r"^(tcp|tcp6|ssl|unix):", text.strip()):
         raise ValueError(f"expected a strports endpoint such as tcp:8080:interface=127.0.0.1, got {text!r}")
     return text.strip()
+
+
+def _optional_endpoint(text: str) -> str | None:
+    # Empty switches the listener off.
+    return _http_endpoint(text) if text.strip() else None
 
 
 def _dicom_endpoint(text: str) -> str:
@@ -264,6 +272,9 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             chunked=r.get("jpip", "chunked", "yes", _bool),
             cors_origins=r.get("jpip", "cors_origins", "", _origins),
             target_cache=r.get("jpip", "target_cache", "64", _int_range(1, 100_000)),
+            tcp_listen=r.get("jpip", "tcp_listen", "tcp:8081:interface=127.0.0.1", _optional_endpoint),
+            tcp_window=r.get("jpip", "tcp_window", "1048576", _int_range(65535, 1 << 30)),
+            tcp_attach_timeout=r.get("jpip", "tcp_attach_timeout", "30", _seconds),
         ),
     )
     for section in parser.sections():

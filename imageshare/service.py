@@ -14,7 +14,7 @@ import functools
 import gc
 import logging
 import multiprocessing
-from typing import Any
+from typing import Any, Callable
 
 from pynetdicom import _config as pynetdicom_config
 from twisted.application.internet import TimerService
@@ -33,6 +33,7 @@ from imageshare.protocols.dicom.handlers import StoreHandler
 from imageshare.protocols.dicom.listener import DicomListenerService
 from imageshare.protocols.jpip.http import JpipResource
 from imageshare.protocols.jpip.server import JpipServer, TargetLoader
+from imageshare.protocols.jpip.tcp import AuxChannels
 from imageshare.store.archive import Archive
 from imageshare.store.catalog import SqliteCatalog
 from imageshare.store.ingest import Ingestor, Stored
@@ -45,7 +46,7 @@ from imageshare.web.status import StatusResource
 from imageshare.workers import ProcessPoolService, WorkerPoolService
 
 
-class HttpListenerService(Service):
+class ListenerService(Service):
     """
     Listens on a Twisted endpoint for the lifetime of the service.
 
@@ -56,11 +57,16 @@ class HttpListenerService(Service):
 
     log = Logger(namespace="imageshare.http")
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, description: str) -> None:
-        self.setName("http")
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: Any, description: str, *, name: str = "http",
+        label: str = "HTTP", on_listening: Callable[[IListeningPort], None] | None = None,
+    ) -> None:
+        self.setName(name)
         self._endpoint = endpoint
         self._factory = factory
         self._description = description
+        self._label = label
+        self._on_listening = on_listening
         self.port: IListeningPort | None = None
         self._listening: Deferred[IListeningPort] | None = None
 
@@ -76,11 +82,14 @@ class HttpListenerService(Service):
         self.port = port
         address = port.getHost()
         self.log.info(
-            "HTTP listening on {host}:{port} ({description})",
+            "{label} listening on {host}:{port} ({description})",
+            label=self._label,
             host=getattr(address, "host", "?"),
             port=getattr(address, "port", 0),
             description=self._description,
         )
+        if self._on_listening is not None:
+            self._on_listening(port)
         return port
 
     def when_listening(self) -> Deferred[IListeningPort]:
@@ -155,11 +164,18 @@ class ImageShareService(MultiService):
             max_model_bytes=jc.max_model_bytes,
             target_cache=jc.target_cache,
         )
+        self.jpip_aux = AuxChannels(self.jpip, reactor, window=jc.tcp_window, attach_timeout=jc.tcp_attach_timeout)
         self.jpip_sweeper = TimerService(min(30.0, jc.session_timeout / 2), self.jpip.expire)
         self.jpip_sweeper.clock = reactor
 
         root = RootResource()
-        root.putChild(b"jpip", JpipResource(self.jpip, chunked=jc.chunked, cors_origins=jc.cors_origins))
+        jpip_resource = JpipResource(
+            self.jpip,
+            chunked=jc.chunked,
+            cors_origins=jc.cors_origins,
+            aux=self.jpip_aux if jc.tcp_listen else None,
+        )
+        root.putChild(b"jpip", jpip_resource)
         root.putChild(
             b"status",
             StatusResource(
@@ -171,10 +187,19 @@ class ImageShareService(MultiService):
             ),
         )
         self.root = root
-        site = QuietSite(root, request_log=config.http.request_log)
-        self.http = HttpListenerService(
-            serverFromString(reactor, config.http.listen), site, config.http.public_url
-        )
+        site = QuietSite(root, request_log=config.http.request_log, next_arrival=self.jpip.next_arrival)
+        site.observers.append(jpip_resource.observe)
+        self.http = ListenerService(serverFromString(reactor, config.http.listen), site, config.http.public_url)
+        self.jpip_tcp: ListenerService | None = None
+        if jc.tcp_listen:
+            self.jpip_tcp = ListenerService(
+                serverFromString(reactor, jc.tcp_listen),
+                self.jpip_aux.factory(),
+                "JPIP http-tcp channels",
+                name="jpip-tcp",
+                label="JPIP aux",
+                on_listening=self._aux_listening,
+            )
         self.dicom = DicomListenerService(
             config.dicom,
             StoreHandler(self.ingestor, self.bridge, self._stored),
@@ -183,6 +208,12 @@ class ImageShareService(MultiService):
         )
         for child in (self.db_pool, self.transcode_pool, self.transcoder, self.jpip_sweeper, self.http, self.dicom):
             child.setServiceParent(self)
+        if self.jpip_tcp is not None:
+            self.jpip_tcp.setServiceParent(self)
+
+    def _aux_listening(self, port: IListeningPort) -> None:
+        # Announced in JPIP-cnew; http-tcp is granted only from now on.
+        self.jpip.aux_port = port.getHost().port
 
     def _stored(self, stored: Stored) -> None:
         uid = stored.record.sop_instance_uid
@@ -214,8 +245,12 @@ class ImageShareService(MultiService):
         # Service.stopService (not MultiService's): children are stopped here, in order.
         self.running = 0
         self.stopping.set()
-        for child in (self.dicom, self.http, self.jpip_sweeper, self.transcoder, self.transcode_pool, self.db_pool):
-            if child.running:
+        self.jpip.aux_port = None
+        self.jpip_aux.close_all()
+        children = (self.dicom, self.http, self.jpip_tcp, self.jpip_sweeper, self.transcoder, self.transcode_pool,
+                    self.db_pool)
+        for child in children:
+            if child is not None and child.running:
                 try:
                     await maybeDeferred(child.stopService)
                 except Exception:

@@ -32,6 +32,7 @@ def config_file(tmp_path: Path):
             "storage": {"data_dir": "var"},
             "dicom": {"listen": "tcp:0:interface=127.0.0.1"},
             "http": {"listen": "tcp:0:interface=127.0.0.1"},
+            "jpip": {"tcp_listen": "tcp:0:interface=127.0.0.1"},
         }
         for name, values in sections.items():
             base.setdefault(name, {}).update(values)

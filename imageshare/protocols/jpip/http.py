@@ -4,12 +4,18 @@ JPIP over HTTP (ISO/IEC 15444-9 Annex F): the ``/jpip`` resource.
 A thin adapter: it parses the request (``request.py``), asks the :class:`JpipServer` for
 a reply and streams the messages through a pull producer, so that a full-resolution
 response is written as the transport asks for it, never held whole in memory, and the
-session's cache model records exactly what was handed to the transport.
+session's cache model records exactly what was handed to the transport. Replies for
+``http-tcp`` channels carry only the status and JPIP headers here; their messages go to
+the channel's TCP connection (``tcp.py``).
+
+Pre-emption needs to hear of a request before Twisted, which holds pipelined requests
+back while a response streams, gets to it: :meth:`JpipResource.observe` is called by the
+site's HTTP channel with every request as soon as its bytes are in.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IPullProducer
@@ -21,6 +27,10 @@ from zope.interface import implementer
 
 from imageshare.protocols.jpip.request import JpipRequestError, parse_request
 from imageshare.protocols.jpip.server import EXPOSED_HEADERS, Body, JpipError, JpipServer, Reply
+from imageshare.web.pipeline import ScannedRequest
+
+if TYPE_CHECKING:
+    from imageshare.protocols.jpip.tcp import AuxChannels
 
 log = Logger(namespace="imageshare.jpip")
 
@@ -40,7 +50,18 @@ class BodyProducer:
         self._done = False
 
     def start(self) -> None:
+        self._body.on_cut = self._cut
         self._request.registerProducer(self, False)
+
+    def _cut(self) -> None:
+        # Pre-empted: end now with EOR 3, even if the client is not reading, so that the
+        # next request (held back behind this response) is served without waiting.
+        if self._done:
+            return
+        message, piece = next(self._messages)  # the body yields its EOR 3 now
+        self._request.write(message)
+        self._body.sent(message, piece)
+        self._finish()
 
     def resumeProducing(self) -> None:
         if self._done:
@@ -93,11 +114,39 @@ class JpipResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, server: JpipServer, *, chunked: bool = True, cors_origins: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        server: JpipServer,
+        *,
+        chunked: bool = True,
+        cors_origins: tuple[str, ...] = (),
+        aux: "AuxChannels | None" = None,
+    ) -> None:
         super().__init__()
         self._server = server
         self._chunked = chunked
         self._cors = cors_origins
+        self._aux = aux
+
+    def observe(self, scanned: ScannedRequest, arrival: int) -> None:
+        """A request's bytes are in (maybe behind a streaming response): pre-empt early."""
+        target, _, query = scanned.target.partition(b"?")
+        if target != b"/jpip" and not target.startswith(b"/jpip/"):
+            return
+        headers = dict(scanned.headers)
+        try:
+            parsed = parse_request(
+                scanned.method.decode("ascii", "replace"),
+                None,
+                query,
+                scanned.body if scanned.method == b"POST" else None,
+                _decode(headers.get(b"content-type")),
+                None,
+            )
+        except JpipRequestError:
+            return  # answered with its error when its turn comes
+        if parsed.cid is not None and not parsed.wait:
+            self._server.preempt(parsed.cid, arrival)
 
     def render_OPTIONS(self, request: Request) -> bytes:
         self._cors_headers(request)
@@ -134,29 +183,42 @@ class JpipResource(Resource):
 
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
-        d = ensureDeferred(self._server.respond(parsed))
-        d.addCallbacks(lambda reply: self._stream(request, reply, gone), lambda f: self._failed(request, f, gone))
+        # Numbered by the HTTP channel when its request line came in (see observe).
+        arrival = getattr(request, "arrival", None)
+        d = ensureDeferred(self._server.respond(parsed, arrival))
+        d.addCallbacks(
+            lambda reply: self._stream(request, reply, parsed.qid, gone), lambda f: self._failed(request, f, gone)
+        )
         return NOT_DONE_YET
 
-    def _stream(self, request: Request, reply: Reply, gone: list[bool]) -> None:
+    def _stream(self, request: Request, reply: Reply, qid: int | None, gone: list[bool]) -> None:
         body = reply.body
+        if reply.transport == "http-tcp" and reply.cid is not None and self._aux is not None:
+            # The data goes to the channel's TCP connection whether or not this request's
+            # HTTP connection is still there: the client reads it from the other socket.
+            self._aux.deliver(reply.cid, qid or 0, body)
+            if not gone:
+                self._headers(request, reply)
+                request.setHeader(b"content-length", b"0")
+                request.finish()
+            return
         if gone:  # the client left while we looked things up
-            if body is not None:
-                body.close()
+            body.close()
             return
-        request.setResponseCode(reply.status)
-        for name, value in reply.headers:
-            request.setHeader(name.encode(), value.encode())
-        request.setHeader(b"content-type", reply.content_type.encode())
-        if body is None:
-            request.setHeader(b"content-length", b"0")
-            request.finish()
-            return
+        self._headers(request, reply)
         if not self._chunked:
+            body.preemptible = False  # the length is promised: the response runs to its end
             request.setHeader(b"content-length", str(body.length()).encode())
         producer = BodyProducer(request, body)
         request.notifyFinish().addErrback(lambda _: producer.stopProducing())
         producer.start()
+
+    @staticmethod
+    def _headers(request: Request, reply: Reply) -> None:
+        request.setResponseCode(reply.status)
+        for name, value in reply.headers:
+            request.setHeader(name.encode(), value.encode())
+        request.setHeader(b"content-type", reply.content_type.encode())
 
     def _failed(self, request: Request, failure: Failure, gone: list[bool]) -> None:
         if failure.check(JpipError):
@@ -195,5 +257,8 @@ class JpipResource(Resource):
 
 
 def _header(request: Request, name: bytes) -> str | None:
-    value = request.getHeader(name)
+    return _decode(request.getHeader(name))
+
+
+def _decode(value: bytes | None) -> str | None:
     return value.decode("latin-1") if value is not None else None

@@ -1,0 +1,151 @@
+"""The http-tcp adapter with a real JpipServer, a Clock and in-memory transports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from twisted.internet.defer import ensureDeferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from imageshare.codestream.index import build_index
+from imageshare.protocols.jpip.messages import Eor, Message, StreamParser
+from imageshare.protocols.jpip.plan import TargetBins
+from imageshare.protocols.jpip.request import parse_request
+from imageshare.protocols.jpip.server import JpipServer, Target
+from imageshare.protocols.jpip.tcp import AuxChannels, AuxProtocol
+from imageshare.protocols.jpip.tcpchunks import MAX_CHUNK
+from imageshare.transcode import openjpeg
+from imageshare.transcode.params import EncodeParams
+
+WINDOW = MAX_CHUNK  # the smallest allowed: one chunk in flight
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Target:
+    img = (np.random.default_rng(5).random((600, 700)) * 4000).astype(np.uint16)
+    path = tmp_path_factory.mktemp("tcp") / "t.j2k"
+    openjpeg.encode(img, path, precision=12, signed=False, colour_transform=False, params=EncodeParams(precinct=64))
+    data = path.read_bytes()
+    index = build_index(data)
+    return Target("1.2.3", 0, "tid-1", index, TargetBins(index), data, len(data))
+
+
+class Rig:
+    def __init__(self, target: Target) -> None:
+        self.clock = Clock()
+        self.server = JpipServer(lambda u, s: succeed(target), self.clock.seconds, aux_port=9)
+        self.aux = AuxChannels(self.server, self.clock, window=WINDOW, attach_timeout=5)
+
+    def request(self, query: str) -> tuple[str | None, int]:
+        """Serve a request as the HTTP resource does; the granted cid (if any) and qid."""
+        parsed = parse_request("GET", None, query.encode(), None, None, None)
+        replies: list = []
+        ensureDeferred(self.server.respond(parsed)).addBoth(replies.append)
+        reply = replies[0]
+        assert reply.transport == "http-tcp", reply
+        self.aux.deliver(reply.cid, parsed.qid or 0, reply.body)
+        cnew = dict(reply.headers).get("JPIP-cnew")
+        return (cnew.split(",")[0].split("=", 1)[1] if cnew else None), parsed.qid or 0
+
+    def connect(self, handshake: bytes) -> tuple[AuxProtocol, StringTransport]:
+        protocol = self.aux.factory().buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(handshake)
+        return protocol, transport
+
+
+def chunks_of(data: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(data):
+        n = int.from_bytes(data[pos : pos + 2], "big")
+        out.append(data[pos : pos + n])
+        pos += n
+    assert pos == len(data)
+    return out
+
+
+def test_window_holds_the_stream_until_acks(target: Target) -> None:
+    """At most the window goes out unacknowledged; each ack lets more out; the stream ends
+    with its EOR and frees the session for the next request."""
+    rig = Rig(target)
+    cid, _ = rig.request("target=1.2.3&fsiz=700,600&cnew=http-tcp&qid=5")
+    assert len(rig.aux) == 1 and rig.aux.connections == 0
+    protocol, transport = rig.connect(cid.encode() + b"\r\n\r\n")
+    received = b""
+    parser = StreamParser()
+    messages: list = []
+    for _ in range(1000):
+        data = transport.value()
+        transport.clear()
+        assert len(data) <= WINDOW  # never more than the window in flight
+        received += data
+        for chunk in chunks_of(data):
+            messages += parser.feed(chunk[8:])
+            protocol.dataReceived(chunk[:8])
+        if messages and isinstance(messages[-1], Eor):
+            break
+    assert messages[-1] == Eor(1)
+    assert sum(len(m.data) for m in messages if isinstance(m, Message)) > 0.95 * target.size
+    assert rig.server.sessions.find(cid).active is None
+    rig.request(f"cid={cid}&fsiz=700,600&qid=6")
+    assert transport.value()[8:] == bytes([0, 1, 0])  # the second response, at once
+
+
+def test_cut_sends_a_lone_eor_past_a_full_window(target: Target) -> None:
+    """A pre-empted response ends at once with an EOR 3 chunk, even with the window full."""
+    rig = Rig(target)
+    cid, _ = rig.request("target=1.2.3&fsiz=700,600&cnew=http-tcp&qid=1")
+    protocol, transport = rig.connect(cid.encode() + b"\r\n")
+    stalled = chunks_of(transport.value())
+    transport.clear()
+    assert transport.value() == b"" and rig.server.sessions.find(cid).active is not None
+    rig.server.preempt(cid, rig.server.next_arrival())
+    eor = transport.value()
+    assert eor == bytes([0, 11, 0, 1, 0, 0, 0, len(stalled)]) + bytes([0, 3, 0])
+    assert rig.server.sessions.find(cid).active is None  # the lock is free again
+
+
+def test_unknown_cid_garbage_and_silence_are_dropped(target: Target) -> None:
+    rig = Rig(target)
+    _, transport = rig.connect(b"JPHTdeadbeef\r\n")
+    assert transport.disconnecting
+    protocol = rig.aux.factory().buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"\x16\x03\x01\x02\x00")  # a TLS hello on a plain port
+    protocol.dataReceived(b"x" * 600)
+    assert transport.disconnecting
+    silent = rig.aux.factory().buildProtocol(None)
+    silent_transport = StringTransport()
+    silent.makeConnection(silent_transport)
+    rig.clock.advance(6)  # the attach timeout
+    assert silent_transport.disconnecting
+
+
+def test_never_attached_channel_is_closed_and_its_session_ends(target: Target) -> None:
+    rig = Rig(target)
+    cid, _ = rig.request("target=1.2.3&fsiz=700,600&cnew=http-tcp")
+    assert rig.server.sessions.find(cid) is not None
+    rig.clock.advance(6)
+    assert rig.server.sessions.find(cid) is None and len(rig.aux) == 0
+    assert len(rig.server.sessions) == 0  # it was the session's only channel
+
+
+def test_dropped_connection_ends_only_its_channel(target: Target) -> None:
+    """The session keeps its other channel and the model of what was really sent."""
+    rig = Rig(target)
+    parsed = parse_request("GET", None, b"target=1.2.3&fsiz=87,75&cnew=http", None, None, None)
+    replies: list = []
+    ensureDeferred(rig.server.respond(parsed)).addBoth(replies.append)
+    http_cid = replies[0].cid
+    for message, piece in replies[0].body.messages():
+        replies[0].body.sent(message, piece)
+    replies[0].body.close()
+    tcp_cid, _ = rig.request(f"cid={http_cid}&cnew=http-tcp&fsiz=700,600")
+    protocol, transport = rig.connect(tcp_cid.encode() + b"\r\n")
+    assert transport.value()
+    protocol.connectionLost(None)
+    assert rig.server.sessions.find(tcp_cid) is None
+    assert rig.server.sessions.find(http_cid) is not None and len(rig.aux) == 0
