@@ -76,3 +76,25 @@ def test_unknown_cid() -> None:
     for cid in ["", "JPH_00", "x" * 10000]:
         with pytest.raises(UnknownChannel):
             r.channel(cid, now=0)
+
+
+def test_every_ending_channel_is_reported_once() -> None:
+    """cclose, a dropped session and expiry all report the channels that end; find()
+    looks a channel up without keeping its session alive."""
+    ended: list[str] = []
+    reg: SessionRegistry[object] = SessionRegistry(
+        idle_timeout=10, max_sessions=10, on_close=lambda c: ended.append(c.cid)
+    )
+    a = reg.open("t", object(), "http", 0)
+    b = reg.add_channel(a.cid, "http-tcp", 0)
+    assert reg.find(b.cid) is b and reg.find("nope") is None
+    reg.close(a.cid, [b.cid], 1)
+    assert ended == [b.cid] and reg.find(b.cid) is None and reg.find(a.cid) is a
+    c = reg.add_channel(a.cid, "http-tcp", 1)
+    reg.close(a.cid, ["*"], 2)
+    assert sorted(ended[1:]) == sorted([a.cid, c.cid]) and len(reg) == 0
+    d = reg.open("t", object(), "http", 3)
+    assert reg.find(d.cid) is d
+    reg.find(d.cid)  # does not touch: the session still expires from its last request
+    reg.expire(13.5)
+    assert ended[-1] == d.cid and reg.find(d.cid) is None
