@@ -1,10 +1,11 @@
-"""TLS on both listeners: DICOM (with client certificates) and HTTP."""
+"""TLS on every listener: DICOM (with client certificates), HTTP and the JPIP aux port."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import json
+import socket
 import ssl
 import urllib.request
 from pathlib import Path
@@ -15,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from twisted.internet import threads
@@ -66,6 +68,8 @@ async def test_tls_listeners(start_server, tmp_path: Path) -> None:
                          f"certKey={tmp_path}/server.crt:caCerts={tmp_path}/ca.crt"},
         http={"listen": f"ssl:0:interface=127.0.0.1:privateKey={tmp_path}/server.key:"
                         f"certKey={tmp_path}/server.crt"},
+        jpip={"tcp_listen": f"ssl:0:interface=127.0.0.1:privateKey={tmp_path}/server.key:"
+                            f"certKey={tmp_path}/server.crt"},
     )
 
     def client_context(name: str) -> ssl.SSLContext:
@@ -90,8 +94,6 @@ async def test_tls_listeners(start_server, tmp_path: Path) -> None:
 
     def store_over_tls() -> int:
         ae = AE(ae_title="TLSSCU")
-        from pydicom import dcmread
-
         ds = dcmread(sample_file("CT_small.dcm"))
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
         assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title="IMAGESHARE",
@@ -110,3 +112,35 @@ async def test_tls_listeners(start_server, tmp_path: Path) -> None:
 
     status = await threads.deferToThread(https_status)
     assert status["instances"] == 1 and status["streamable"] == 1
+
+    uid = str(dcmread(sample_file("CT_small.dcm"), stop_before_pixels=True).SOPInstanceUID)
+
+    def http_tcp_over_tls() -> bytes:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        url = f"https://localhost:{server.http_port}/jpip?target={uid}&fsiz=128,128&cnew=http-tcp&qid=1"
+        with urllib.request.urlopen(url, context=ctx, timeout=10) as r:
+            cnew = dict(item.split("=", 1) for item in r.headers["JPIP-cnew"].split(","))
+            assert r.read() == b""
+        raw = socket.create_connection(("127.0.0.1", int(cnew["auxport"])), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname="localhost") as aux:
+            aux.sendall(cnew["cid"].encode() + b"\r\n")
+            data = b""
+            while not data.endswith(bytes([0, 2, 0])) and not data.endswith(bytes([0, 1, 0])):
+                chunk = aux.recv(65536)
+                assert chunk, "the aux connection closed early"
+                data += chunk
+        return data
+
+    data = await threads.deferToThread(http_tcp_over_tls)
+    assert data[2:4] == b"\x00\x01" and int.from_bytes(data[:2], "big") == len(data)  # one chunk, qid 1
+
+    def plain_on_tls_aux() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.service.jpip.aux_port), timeout=10) as s:
+            s.sendall(b"JPHT0000\r\n")
+            try:
+                return s.recv(100)
+            except ConnectionResetError:
+                return b""
+
+    reply = await threads.deferToThread(plain_on_tls_aux)
+    assert reply == b"" or reply[0] == 0x15  # closed, or a TLS alert record: never data

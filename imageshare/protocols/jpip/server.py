@@ -424,9 +424,11 @@ class JpipServer:
             model = session_state.model
             if model.approx_bytes() > self._max_model_bytes:
                 session_state.lock.release()
-                self._end_session(request, now)
-                body = Body(target, PlanResult((), int(EorReason.SESSION_LIMIT), 0), None, None)
-                return Reply(200, tuple(headers), content_type, body, None, "http")
+                # The session ends once its EOR 6 is out, so that it goes out on the
+                # channel's own transport (an http-tcp connection closes with the session).
+                body = Body(target, PlanResult((), int(EorReason.SESSION_LIMIT), 0), None,
+                            lambda: self._end_session(request))
+                return Reply(200, tuple(headers), content_type, body, channel.cid if channel else None, transport)
             # The instance was received again since the model was built: what the client
             # holds describes other bytes, so it starts afresh (it sees the new JPIP-tid).
             if session_state.tids.setdefault(stream, target.tid) != target.tid:
@@ -501,10 +503,10 @@ class JpipServer:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _end_session(self, request: JpipRequest, now: float) -> None:
+    def _end_session(self, request: JpipRequest) -> None:
         if request.cid is not None:
             try:
-                self.sessions.close(request.cid, ["*"], now)
+                self.sessions.close(request.cid, ["*"], self._now())
             except SessionError:
                 pass
 

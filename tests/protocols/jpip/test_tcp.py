@@ -32,9 +32,9 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Target:
 
 
 class Rig:
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, **limits: int) -> None:
         self.clock = Clock()
-        self.server = JpipServer(lambda u, s: succeed(target), self.clock.seconds, aux_port=9)
+        self.server = JpipServer(lambda u, s: succeed(target), self.clock.seconds, aux_port=9, **limits)
         self.aux = AuxChannels(self.server, self.clock, window=WINDOW, attach_timeout=5)
 
     def request(self, query: str) -> tuple[str | None, int]:
@@ -149,3 +149,37 @@ def test_dropped_connection_ends_only_its_channel(target: Target) -> None:
     protocol.connectionLost(None)
     assert rig.server.sessions.find(tcp_cid) is None
     assert rig.server.sessions.find(http_cid) is not None and len(rig.aux) == 0
+
+
+def test_session_limit_ends_with_eor_6_on_the_channel(target: Target) -> None:
+    """Past max_model_bytes the EOR 6 goes out on the TCP channel, then the session ends."""
+    rig = Rig(target, max_model_bytes=4096)
+    cid, _ = rig.request("target=1.2.3&fsiz=700,600&cnew=http-tcp&qid=1")
+    protocol, transport = rig.connect(cid.encode() + b"\r\n")
+    for _ in range(1000):
+        data = transport.value()
+        transport.clear()
+        for chunk in chunks_of(data):
+            protocol.dataReceived(chunk[:8])
+        if data.endswith(bytes([0, 1, 0])):
+            break
+    rig.request(f"cid={cid}&fsiz=700,600&qid=2")
+    assert transport.value() == bytes([0, 11, 0, 2, 0, 0, 0, 0, 0, 6, 0])
+    assert transport.disconnecting and rig.server.sessions.find(cid) is None and len(rig.server.sessions) == 0
+
+
+def test_expiry_closes_the_connection_and_frees_the_response(target: Target) -> None:
+    """An idle session expires with its channels: the TCP connection is closed, the stalled
+    response let go; until then requests on new HTTP connections reach it (the cid is all
+    they need)."""
+    rig = Rig(target, session_timeout=30)
+    cid, _ = rig.request("target=1.2.3&fsiz=700,600&cnew=http-tcp")
+    protocol, transport = rig.connect(cid.encode() + b"\r\n")
+    assert transport.value() and rig.server.sessions.find(cid).active is not None  # stalled, window full
+    rig.clock.advance(20)
+    assert rig.server.expire() == 0
+    rig.clock.advance(20)
+    assert rig.server.expire() == 1
+    assert transport.disconnecting and len(rig.aux) == 0
+    protocol.connectionLost(None)  # the transport reports the close: nothing left to end
+    assert len(rig.server.sessions) == 0
