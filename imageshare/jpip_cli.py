@@ -213,6 +213,9 @@ class JpipClient:
         except OSError as e:
             raise JpipTransportError(f"cannot connect the http-tcp channel to {self._host}:{auxport}: {e}") from e
         try:
+            # Acknowledgements are 8-byte writes: with Nagle's algorithm one waits for the
+            # server's delayed ACK (about 40 ms) whenever the previous one is unanswered.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls:  # same trust as the HTTPS requests
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self._host)
             sock.sendall(self.cid.encode("ascii") + b"\r\n")

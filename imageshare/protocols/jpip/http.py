@@ -133,6 +133,8 @@ class JpipResource(Resource):
         target, _, query = scanned.target.partition(b"?")
         if target != b"/jpip" and not target.startswith(b"/jpip/"):
             return
+        if b"cid=" not in query and b"cid=" not in scanned.body:
+            return  # no channel, nothing to pre-empt (and most first views): skip the parse
         headers = dict(scanned.headers)
         try:
             parsed = parse_request(

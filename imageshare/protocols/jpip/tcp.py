@@ -175,7 +175,7 @@ class AuxChannels:
 
     def __init__(self, server: JpipServer, clock: Any, *, window: int, attach_timeout: float) -> None:
         self._server = server
-        self._clock = clock
+        self.clock = clock
         self._window = window
         self.attach_timeout = attach_timeout
         self._streams: dict[str, AuxStream] = {}
@@ -199,7 +199,7 @@ class AuxChannels:
         stream = self._streams.get(cid)
         if stream is None:
             stream = self._streams[cid] = AuxStream(cid, self._window)
-            stream.attach_timer = self._clock.callLater(self.attach_timeout, self._never_attached, cid)
+            stream.attach_timer = self.clock.callLater(self.attach_timeout, self._never_attached, cid)
         stream.deliver(qid, body)
 
     def attach(self, cid: bytes, connection: "AuxProtocol") -> AuxStream | None:
@@ -241,7 +241,7 @@ class AuxChannels:
             stream.close()
         channel = self._server.sessions.find(cid)
         if channel is not None:
-            self._server.sessions.close(cid, [cid], self._clock.seconds())
+            self._server.sessions.close(cid, [cid], self.clock.seconds())
 
     def _channel_closed(self, channel: Channel) -> None:
         # cclose, expiry or the session's end: let go of the connection and the response.
@@ -269,8 +269,12 @@ class AuxProtocol(Protocol):
     def connectionMade(self) -> None:
         address = self.transport.getPeer()
         self.peer = f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
-        self._timer = self._channels._clock.callLater(self._channels.attach_timeout, self._no_handshake)
+        self._timer = self._channels.clock.callLater(self._channels.attach_timeout, self._no_handshake)
         self.transport.registerProducer(self, True)
+        # A response's last chunk is often small: it must not wait for the client's ACK.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
 
     def _no_handshake(self) -> None:
         self._timer = None
