@@ -6,7 +6,7 @@ opens and names by sending its channel id. The server sends chunks: an 8-byte he
 (chunk length including the header, the low 16 bits of the request id, a repeat count
 that is 0 on TCP, a 24-bit sequence number restarting at 0 for each request) followed by
 whole JPP messages; the client acknowledges each chunk by echoing its header. These are
-the pieces the Twisted protocol (next) will drive: the handshake parser, the chunker and
+the pieces the Twisted protocol (``tcp.py``) drives: the handshake parser, the chunk framing and
 the window of unacknowledged bytes that bounds what a slow client costs.
 """
 
