@@ -6,7 +6,7 @@ opens and names by sending its channel id. The server sends chunks: an 8-byte he
 (chunk length including the header, the low 16 bits of the request id, a repeat count
 that is 0 on TCP, a 24-bit sequence number restarting at 0 for each request) followed by
 whole JPP messages; the client acknowledges each chunk by echoing its header. These are
-the pieces the Twisted protocol (``tcp.py``) drives: the handshake parser, the chunk framing and
+the pieces the Twisted protocol (``tcp.py``) drives: the handshake parser, the chunk header and
 the window of unacknowledged bytes that bounds what a slow client costs.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import re
 import struct
-from typing import Iterable, Iterator
 
 HEADER_LENGTH = 8
 MAX_CHUNK = 0xFFFF  # the length field has 16 bits
@@ -35,34 +34,6 @@ def chunk_header(length: int, qid: int, seq: int) -> bytes:
     if not 0 <= seq < 1 << 24:
         raise ValueError(f"sequence number {seq} out of range")
     return struct.pack(">HHB", length, qid & 0xFFFF, 0) + seq.to_bytes(3, "big")
-
-
-def chunks(messages: Iterable[bytes], qid: int, *, max_chunk: int = MAX_CHUNK) -> Iterator[bytes]:
-    """
-    Pack whole messages into chunks of at most ``max_chunk`` bytes, numbered from 0.
-
-    Raises
-    ------
-    ValueError
-        For a message that cannot fit a chunk on its own (the planner must cut pieces to
-        :data:`MAX_MESSAGE` bytes for this transport).
-    """
-    if not HEADER_LENGTH < max_chunk <= MAX_CHUNK:
-        raise ValueError(f"max_chunk {max_chunk} out of range")
-    seq = 0
-    body: list[bytes] = []
-    size = 0
-    for message in messages:
-        if len(message) > max_chunk - HEADER_LENGTH:
-            raise ValueError(f"a {len(message)}-byte message does not fit a {max_chunk}-byte chunk")
-        if size + len(message) > max_chunk - HEADER_LENGTH:
-            yield chunk_header(HEADER_LENGTH + size, qid, seq) + b"".join(body)
-            seq += 1
-            body, size = [], 0
-        body.append(message)
-        size += len(message)
-    if body:
-        yield chunk_header(HEADER_LENGTH + size, qid, seq) + b"".join(body)
 
 
 class Handshake:

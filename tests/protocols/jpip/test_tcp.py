@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -183,3 +184,69 @@ def test_expiry_closes_the_connection_and_frees_the_response(target: Target) -> 
     assert transport.disconnecting and len(rig.aux) == 0
     protocol.connectionLost(None)  # the transport reports the close: nothing left to end
     assert len(rig.server.sessions) == 0
+
+
+class FakeBody:
+    """Stands in for a server Body: fixed messages, then an EOR (a unit-test fake)."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.messages_out = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+        self.sent_out: list[bytes] = []
+        self.closed = False
+        self.on_cut = None
+
+    def messages(self):  # type: ignore[no-untyped-def]
+        for m in self.messages_out:
+            yield m, object()
+        yield bytes([0, 2, 0]), None
+
+    def sent(self, message: bytes, piece: object) -> None:
+        self.sent_out.append(message)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeConnection:
+    paused = False
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+
+    def send(self, chunk: bytes) -> None:
+        self.out.append(chunk)
+
+
+@given(st.lists(st.integers(1, MAX_CHUNK - 8 - 3), min_size=0, max_size=40), st.integers(MAX_CHUNK, 4 * MAX_CHUNK))
+@settings(max_examples=60, deadline=None)
+def test_chunks_hold_whole_messages_within_the_window(sizes: list[int], window: int) -> None:
+    """Whatever the message sizes and window: chunks carry whole messages in order, number
+    0, 1, 2... with their length in the header, never put more than the window in flight
+    (a lone EOR aside), and the body is committed exactly as written and closed at its EOR."""
+    from imageshare.protocols.jpip.tcp import AuxStream
+
+    stream = AuxStream("JPHTx", window)
+    connection = FakeConnection()
+    stream.connection = connection  # type: ignore[assignment]
+    body = FakeBody(sizes)
+    stream.deliver(7, body)  # type: ignore[arg-type]
+    received: list[bytes] = []
+    for _ in range(10_000):
+        if not connection.out:
+            break
+        in_flight = sum(len(c) for c in connection.out)
+        assert in_flight <= window or connection.out[-1][8:] == bytes([0, 2, 0])
+        chunks, connection.out = connection.out, []
+        received += chunks
+        for chunk in chunks:
+            stream.acknowledged(chunk[:8])
+    assert body.closed and stream.window.unacked == 0
+    expected = body.messages_out + [bytes([0, 2, 0])]
+    assert b"".join(c[8:] for c in received) == b"".join(expected) == b"".join(body.sent_out)
+    boundaries = {sum(len(m) for m in expected[:i]) for i in range(len(expected) + 1)}
+    position = 0
+    for seq, chunk in enumerate(received):
+        assert int.from_bytes(chunk[:2], "big") == len(chunk) <= MAX_CHUNK
+        assert chunk[2:5] == bytes([0, 7, 0]) and int.from_bytes(chunk[5:8], "big") == seq
+        position += len(chunk) - 8
+        assert position in boundaries
