@@ -82,6 +82,24 @@ class JpipConfig:
 
 
 @attrs.frozen
+class ManifestConfig:
+    enabled: bool
+    stable_after: float
+    retrieve_location_uid: str  # empty: generated once per data directory (see manifests)
+    retrieve_ae_title: str  # empty: [dicom] ae_title
+
+
+@attrs.frozen
+class DicomDestination:
+    """A C-MOVE destination: where the AE title named in a C-MOVE request is reached."""
+
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+
+
+@attrs.frozen
 class Config:
     """The whole configuration, as read from one INI file."""
 
@@ -91,6 +109,8 @@ class Config:
     http: HttpConfig
     transcode: TranscodeConfig
     jpip: JpipConfig
+    manifest: ManifestConfig
+    dicom_destinations: tuple[DicomDestination, ...]
 
 
 # -- value parsers: each raises ValueError with a message fit for an operator ---------------
@@ -193,7 +213,9 @@ class _Reader:
 
     def get(self, section: str, key: str, default: str, parse: Callable[[str], T]) -> T:
         self.used.add((section, key))
-        raw = self._parser.get(section, key, fallback=default)
+        written = next((o for o in self._parser.options(section) if o.lower() == key), None) \
+            if self._parser.has_section(section) else None
+        raw = self._parser.get(section, written, fallback=default) if written else default
         try:
             return parse(raw)
         except ValueError as e:
@@ -225,6 +247,9 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         For an unreadable file, an unknown section or key, or a bad value.
     """
     parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
+    # Keys keep their case: [dicom_destinations] keys are AE titles, which are case-sensitive.
+    # The other keys are matched case-insensitively below.
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
     base = Path.cwd()
     if path is not None:
         file = Path(path)
@@ -276,12 +301,50 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             tcp_window=r.get("jpip", "tcp_window", "1048576", _int_range(65535, 1 << 30)),
             tcp_attach_timeout=r.get("jpip", "tcp_attach_timeout", "30", _seconds),
         ),
+        manifest=ManifestConfig(
+            enabled=r.get("manifest", "enabled", "yes", _bool),
+            stable_after=r.get("manifest", "stable_after", "60", _seconds),
+            retrieve_location_uid=r.get("manifest", "retrieve_location_uid", "", _optional_uid),
+            retrieve_ae_title=r.get("manifest", "retrieve_ae_title", "", _optional_ae_title),
+        ),
+        dicom_destinations=_destinations(parser, r),
     )
     for section in parser.sections():
         for key in parser.options(section):
-            if (section, key) not in r.used:
+            if (section, key.lower()) not in r.used:
                 raise ConfigError(section, key, "unknown key (misspelt?)")
     return config
+
+
+def _optional_uid(text: str) -> str:
+    from imageshare.dicom.uids import is_valid_uid
+
+    text = text.strip()
+    if text and not is_valid_uid(text):
+        raise ValueError(f"expected a DICOM UID (digits and dots, at most 64 characters), got {text!r}")
+    return text
+
+
+def _optional_ae_title(text: str) -> str:
+    return _ae_title(text) if text.strip() else ""
+
+
+def _destinations(parser: configparser.ConfigParser, r: "_Reader") -> tuple[DicomDestination, ...]:
+    """``[dicom_destinations]``: ``AET = host:port`` (``host:port:tls`` for TLS), one per line."""
+    if not parser.has_section("dicom_destinations"):
+        return ()
+    out = []
+    for key, text in parser.items("dicom_destinations", raw=True):
+        r.used.add(("dicom_destinations", key.lower()))
+        m = re.match(r"^([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})(:tls)?$", text.strip())
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ConfigError("dicom_destinations", key, f"expected host:port (or host:port:tls), got {text!r}")
+        try:
+            aet = _ae_title(key)
+        except ValueError as e:
+            raise ConfigError("dicom_destinations", key, str(e)) from None
+        out.append(DicomDestination(aet, m.group(1).strip("[]"), int(m.group(2)), bool(m.group(3))))
+    return tuple(out)
 
 
 def _origins(text: str) -> tuple[str, ...]:

@@ -102,3 +102,18 @@ def test_values_are_parsed(tmp_path: Path) -> None:
     assert c.transcode.workers == 3
     assert c.transcode.layer_rates == (50.0, 20.0, 5.0, 0.0)
     assert c.transcode.lossless is False
+
+
+def test_manifest_and_destinations(config_file) -> None:  # type: ignore[no-untyped-def]
+    """[manifest] defaults; [dicom_destinations] keeps AE title case; other keys any case."""
+    c = load(config_file(
+        manifest={"Stable_After": "5", "retrieve_location_uid": "1.2.3.4"},
+        dicom_destinations={"PacsB": "127.0.0.1:11113", "VIEWER": "viewer.example.org:2762:tls"},
+    ))
+    assert c.manifest.stable_after == 5 and c.manifest.enabled and c.manifest.retrieve_location_uid == "1.2.3.4"
+    assert [(d.ae_title, d.host, d.port, d.tls) for d in c.dicom_destinations] == [
+        ("PacsB", "127.0.0.1", 11113, False), ("VIEWER", "viewer.example.org", 2762, True)]
+    for bad in ({"dicom_destinations": {"PACS": "nohost"}}, {"dicom_destinations": {"PACS": "h:70000"}},
+                {"manifest": {"retrieve_location_uid": "1.2.x"}}, {"manifest": {"bogus": "1"}}):
+        with pytest.raises(ConfigError):
+            load(config_file(**bad))

@@ -142,6 +142,11 @@ class SqliteCatalog:
             self._local.conn = conn
         return conn
 
+    def reader(self) -> sqlite3.Connection:
+        """This thread's connection, for read-only queries kept in other modules (C-FIND).
+        Blocking: never call it on the reactor thread."""
+        return self._conn()
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
