@@ -6,6 +6,7 @@ from typing import Iterable, Sequence
 
 from zope.interface import Interface
 
+from imageshare.dicom.manifest import ManifestSources
 from imageshare.store.records import Counts, FrameRecord, InstanceRecord, InstanceRow, State
 
 
@@ -43,6 +44,48 @@ class ICatalog(Interface):
 
     def counts() -> Counts:
         """Totals for the status page."""
+
+    def remove_instance(sop_instance_uid: str) -> InstanceRow | None:
+        """Drop an instance, its frames, and its series, study and patient once empty.
+
+        Returns the removed row (``None`` if unknown). Only the catalog changes: the
+        caller deletes the archive file (and any derived files) after this commits, so a
+        crash in between leaves a stray file, never a row without its file.
+        """
+
+    def ensure_setting(key: str, value: str) -> str:
+        """The stored value of ``key``, storing ``value`` first if there is none."""
+
+    # Study manifests (imageshare/manifests.py). One manifest service per catalog.
+
+    def manifest_candidates(limit: int) -> list[tuple[str, float]]:
+        """(Study Instance UID, last receive time) of studies received since their manifest
+        was last known to be up to date, or that have none; oldest first."""
+
+    def manifest_sources(study_instance_uid: str) -> ManifestSources | None:
+        """What the study's manifest lists (never our own manifests) and the one in force."""
+
+    def begin_manifest(study_instance_uid: str, sop_instance_uid: str) -> None:
+        """Note a manifest about to be stored, so that it never counts as the study's own
+        instance, even if the build is interrupted."""
+
+    def adopt_manifest(
+        study_instance_uid: str, sop_instance_uid: str, *, instances: int, receives: int, updated_at: float
+    ) -> None:
+        """Make a stored manifest the study's one in force, built from sources with these
+        marks; the one before becomes stale."""
+
+    def mark_manifest_checked(study_instance_uid: str, updated_at: float) -> None:
+        """The manifest in force is up to date with the study as of ``updated_at``."""
+
+    def stale_manifests() -> list[str]:
+        """Manifests superseded, or whose build was interrupted: to be removed."""
+
+    def forget_manifest(sop_instance_uid: str) -> None:
+        """Stop tracking a stale manifest once its instance and file are gone."""
+
+    def manifest_count() -> int:
+        """Studies with a manifest in force."""
 
     def close() -> None:
         """Release every connection."""

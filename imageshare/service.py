@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from imageshare import __version__
 from imageshare.config import Config
 from imageshare.logbridge import bridge_stdlib_logging
+from imageshare.manifests import ManifestBuilder, ManifestService
 from imageshare.protocols.dicom.bridge import ReactorBridge
 from imageshare.protocols.dicom.handlers import StoreHandler
 from imageshare.protocols.dicom.listener import DicomListenerService
@@ -153,6 +154,23 @@ class ImageShareService(MultiService):
             give_up=functools.partial(mark_failed, self.catalog),
             on_done=lambda uid: self.jpip.forget(uid),
         )
+        mc = config.manifest
+        self.manifests = ManifestService(
+            ManifestBuilder(
+                self.catalog,
+                self.archive,
+                self.ingestor,
+                retrieve_ae_title=mc.retrieve_ae_title or config.dicom.ae_title,
+                retrieve_url=f"{config.http.public_url}/wado",
+            ),
+            self.catalog,
+            self.db_pool,
+            reactor,
+            stable_after=mc.stable_after,
+            location_uid=mc.retrieve_location_uid,
+            enabled=mc.enabled,
+            on_stored=self._stored,
+        )
 
         jc = config.jpip
         loader = TargetLoader(self.catalog, data_dir)
@@ -183,7 +201,7 @@ class ImageShareService(MultiService):
                 self.db_pool,
                 started=self.started_at,
                 now=reactor.seconds,
-                extra=lambda: {"transcode_queue": self.transcoder.queued},
+                extra=lambda: {"transcode_queue": self.transcoder.queued, "manifests": self.manifests.count},
             ),
         )
         self.root = root
@@ -206,7 +224,8 @@ class ImageShareService(MultiService):
             reactor,
             config_dir=config.path.parent if config.path else None,
         )
-        for child in (self.db_pool, self.transcode_pool, self.transcoder, self.jpip_sweeper, self.http, self.dicom):
+        for child in (self.db_pool, self.transcode_pool, self.transcoder, self.jpip_sweeper, self.http, self.manifests,
+                      self.dicom):
             child.setServiceParent(self)
         if self.jpip_tcp is not None:
             self.jpip_tcp.setServiceParent(self)
@@ -247,8 +266,8 @@ class ImageShareService(MultiService):
         self.stopping.set()
         self.jpip.aux_port = None
         self.jpip_aux.close_all()
-        children = (self.dicom, self.http, self.jpip_tcp, self.jpip_sweeper, self.transcoder, self.transcode_pool,
-                    self.db_pool)
+        children = (self.dicom, self.http, self.jpip_tcp, self.jpip_sweeper, self.manifests, self.transcoder,
+                    self.transcode_pool, self.db_pool)
         for child in children:
             if child is not None and child.running:
                 try:

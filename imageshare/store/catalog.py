@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 from zope.interface import implementer
 
+from imageshare.dicom.manifest import InstanceRef, ManifestSources, StudySummary
 from imageshare.interfaces import ICatalog
 from imageshare.store.records import Counts, FrameRecord, InstanceRecord, InstanceRow, State
 
@@ -99,6 +100,26 @@ CREATE TABLE IF NOT EXISTS frames (
     precision INTEGER NOT NULL,
     signed INTEGER NOT NULL,
     PRIMARY KEY (sop_instance_uid, frame_number)
+);
+-- Every study manifest (KOS) we made and still hold: current = 1 for the one in force, 0 for
+-- one being built or superseded (to be removed). Instances named here are never listed in
+-- a manifest nor counted as changes of their study. instances/receives are the count and
+-- the sum of generations of what the manifest lists; checked_at the studies.updated_at up
+-- to which it is known to be up to date.
+CREATE TABLE IF NOT EXISTS manifests (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    current INTEGER NOT NULL,
+    instances INTEGER NOT NULL,
+    receives INTEGER NOT NULL,
+    checked_at REAL NOT NULL,
+    built_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS manifests_current ON manifests(study_instance_uid) WHERE current = 1;
+CREATE INDEX IF NOT EXISTS manifests_stale ON manifests(current) WHERE current = 0;
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 """
 
@@ -279,6 +300,149 @@ class SqliteCatalog:
             studies=c.execute("SELECT COUNT(*) FROM studies").fetchone()[0],
             series=c.execute("SELECT COUNT(*) FROM series").fetchone()[0],
         )
+
+    # -- study manifests (imageshare/manifests.py); one manifest service per catalog --------
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One consistent snapshot for several SELECTs (WAL: writers go on meanwhile)."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def manifest_candidates(self, limit: int) -> list[tuple[str, float]]:
+        rows = self._conn().execute(
+            "SELECT s.study_instance_uid, s.updated_at FROM studies s"
+            " LEFT JOIN manifests m ON m.study_instance_uid = s.study_instance_uid AND m.current = 1"
+            " WHERE m.sop_instance_uid IS NULL OR s.updated_at > m.checked_at"
+            " ORDER BY s.updated_at LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [(uid, updated_at) for uid, updated_at in rows]
+
+    def manifest_sources(self, study_instance_uid: str) -> ManifestSources | None:
+        with self._read() as c:
+            row = c.execute(
+                "SELECT s.study_instance_uid, p.patient_id, p.issuer_of_patient_id, p.patient_name,"
+                " p.patient_birth_date, p.patient_sex, s.study_date, s.study_time, s.accession_number,"
+                " s.study_id, s.study_description, s.referring_physician_name, s.specific_character_set,"
+                " s.updated_at FROM studies s JOIN patients p ON p.pk = s.patient_pk"
+                " WHERE s.study_instance_uid=?",
+                (study_instance_uid,),
+            ).fetchone()
+            if row is None:
+                return None
+            listed = c.execute(
+                "SELECT i.sop_class_uid, i.sop_instance_uid, i.series_instance_uid, i.generation,"
+                " se.series_number FROM instances i"
+                " LEFT JOIN series se ON se.series_instance_uid = i.series_instance_uid"
+                " WHERE i.study_instance_uid=?"
+                " AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.sop_instance_uid = i.sop_instance_uid)"
+                " ORDER BY se.series_number, i.series_instance_uid, i.instance_number, i.sop_instance_uid",
+                (study_instance_uid,),
+            ).fetchall()
+            current = c.execute(
+                "SELECT sop_instance_uid, instances, receives FROM manifests"
+                " WHERE study_instance_uid=? AND current=1",
+                (study_instance_uid,),
+            ).fetchone()
+        numbers = [n for *_, n in listed if n is not None]
+        return ManifestSources(
+            study=StudySummary(*row[:13]),
+            instances=tuple(InstanceRef(cls, uid, series) for cls, uid, series, _, _ in listed),
+            receives=sum(generation for _, _, _, generation, _ in listed),
+            updated_at=row[13],
+            series_number=max(numbers, default=0) + 1,
+            current_uid=current[0] if current else None,
+            current_instances=current[1] if current else 0,
+            current_receives=current[2] if current else 0,
+        )
+
+    def begin_manifest(self, study_instance_uid: str, sop_instance_uid: str) -> None:
+        with self._write() as c:
+            c.execute(
+                "INSERT INTO manifests VALUES (?, ?, 0, 0, 0, 0, ?)",
+                (sop_instance_uid, study_instance_uid, time.time()),
+            )
+
+    def adopt_manifest(
+        self, study_instance_uid: str, sop_instance_uid: str, *, instances: int, receives: int, updated_at: float
+    ) -> None:
+        with self._write() as c:
+            now_instances, now_receives = c.execute(
+                "SELECT COUNT(*), COALESCE(SUM(generation), 0) FROM instances i WHERE study_instance_uid=?"
+                " AND NOT EXISTS (SELECT 1 FROM manifests m WHERE m.sop_instance_uid = i.sop_instance_uid)",
+                (study_instance_uid,),
+            ).fetchone()
+            (study_updated_at,) = c.execute(
+                "SELECT updated_at FROM studies WHERE study_instance_uid=?", (study_instance_uid,)
+            ).fetchone()
+            # Storing the manifest itself moved the study's updated_at: that is no change.
+            # But if anything else arrived since the sources were read, the study must
+            # stay a candidate.
+            checked_at = study_updated_at if (now_instances, now_receives) == (instances, receives) else updated_at
+            c.execute(
+                "UPDATE manifests SET current=0 WHERE study_instance_uid=? AND current=1", (study_instance_uid,)
+            )
+            c.execute(
+                "UPDATE manifests SET current=1, instances=?, receives=?, checked_at=? WHERE sop_instance_uid=?",
+                (instances, receives, checked_at, sop_instance_uid),
+            )
+
+    def mark_manifest_checked(self, study_instance_uid: str, updated_at: float) -> None:
+        with self._write() as c:
+            c.execute(
+                "UPDATE manifests SET checked_at=? WHERE study_instance_uid=? AND current=1 AND checked_at < ?",
+                (updated_at, study_instance_uid, updated_at),
+            )
+
+    def stale_manifests(self) -> list[str]:
+        rows = self._conn().execute("SELECT sop_instance_uid FROM manifests WHERE current=0").fetchall()
+        return [uid for (uid,) in rows]
+
+    def forget_manifest(self, sop_instance_uid: str) -> None:
+        with self._write() as c:
+            c.execute("DELETE FROM manifests WHERE sop_instance_uid=? AND current=0", (sop_instance_uid,))
+
+    def manifest_count(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM manifests WHERE current=1").fetchone()[0])
+
+    def remove_instance(self, sop_instance_uid: str) -> InstanceRow | None:
+        with self._write() as c:
+            row = self.get_instance(sop_instance_uid)  # same connection: inside this transaction
+            if row is None:
+                return None
+            c.execute("DELETE FROM frames WHERE sop_instance_uid=?", (sop_instance_uid,))
+            c.execute("DELETE FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+            # Queries must not find a series, study or patient left without instances.
+            c.execute(
+                "DELETE FROM series WHERE series_instance_uid=? AND NOT EXISTS"
+                " (SELECT 1 FROM instances WHERE series_instance_uid=?)",
+                (row.series_instance_uid, row.series_instance_uid),
+            )
+            patient = c.execute(
+                "SELECT patient_pk FROM studies WHERE study_instance_uid=?", (row.study_instance_uid,)
+            ).fetchone()
+            c.execute(
+                "DELETE FROM studies WHERE study_instance_uid=? AND NOT EXISTS"
+                " (SELECT 1 FROM instances WHERE study_instance_uid=?)",
+                (row.study_instance_uid, row.study_instance_uid),
+            )
+            if patient is not None:
+                c.execute(
+                    "DELETE FROM patients WHERE pk=? AND NOT EXISTS (SELECT 1 FROM studies WHERE patient_pk=?)",
+                    (patient[0], patient[0]),
+                )
+        return row
+
+    def ensure_setting(self, key: str, value: str) -> str:
+        with self._write() as c:
+            c.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (key, value))
+            (stored,) = c.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return str(stored)
 
     def close(self) -> None:
         with self._lock:
