@@ -32,6 +32,7 @@ from imageshare.manifests import ManifestBuilder, ManifestService
 from imageshare.protocols.dicom.bridge import ReactorBridge
 from imageshare.protocols.dicom.handlers import StoreHandler
 from imageshare.protocols.dicom.listener import DicomListenerService
+from imageshare.protocols.dicom.qr import QueryRetrieveSCP, client_tls_context
 from imageshare.protocols.jpip.http import JpipResource
 from imageshare.protocols.jpip.server import JpipServer, TargetLoader
 from imageshare.protocols.jpip.tcp import AuxChannels
@@ -218,11 +219,20 @@ class ImageShareService(MultiService):
                 label="JPIP aux",
                 on_listening=self._aux_listening,
             )
+        config_dir = config.path.parent if config.path else None
         self.dicom = DicomListenerService(
             config.dicom,
             StoreHandler(self.ingestor, self.bridge, self._stored),
             reactor,
-            config_dir=config.path.parent if config.path else None,
+            config_dir=config_dir,
+            query_retrieve=QueryRetrieveSCP(
+                self.catalog,
+                self.archive,
+                ae_title=config.dicom.ae_title,
+                public_url=config.http.public_url,
+                destinations=config.dicom_destinations,
+                tls_context=functools.partial(client_tls_context, config.dicom.listen, config_dir),
+            ),
         )
         for child in (self.db_pool, self.transcode_pool, self.transcoder, self.jpip_sweeper, self.http, self.manifests,
                       self.dicom):

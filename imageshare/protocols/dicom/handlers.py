@@ -21,6 +21,8 @@ from imageshare.store.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, IngestE
 log = Logger(namespace="imageshare.dicom")
 
 SUCCESS = 0x0000
+# JPIP Referenced (Deflate): the pixels are elsewhere (PS3.5 A.6, A.7).
+_HEADER_ONLY = frozenset({"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95"})
 
 
 def _status(code: int, comment: str | None = None) -> Dataset:
@@ -60,6 +62,10 @@ class StoreHandler:
         try:
             if self._bridge.stopped:
                 raise IngestError(OUT_OF_RESOURCES, "the server is shutting down")
+            if str(context.transfer_syntax) in _HEADER_ONLY:
+                # Only a C-GET context can accept these (listener.offer_retrieve_syntaxes):
+                # a header-only object must never land in the archive.
+                raise IngestError(CANNOT_UNDERSTAND, "JPIP Referenced objects are not stored")
             # A view of pynetdicom's buffer, not a copy: it is only read and written out.
             raw = request.DataSet.getbuffer() if request.DataSet is not None else memoryview(b"")
             stored = self._ingestor.store(

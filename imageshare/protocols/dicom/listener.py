@@ -5,6 +5,12 @@ pynetdicom brings its own socket server and thread per association, so Twisted d
 host the socket; this service only starts and stops it. Binding happens synchronously in
 :meth:`startService` (fast, and a failure to bind should stop start-up); shutting down
 blocks while associations finish, so it runs on a thread.
+
+Besides C-ECHO and C-STORE, the AE is the Query/Retrieve SCP (Patient Root and Study
+Root FIND, GET and MOVE, see :mod:`.qr`). For C-GET the peer proposes storage contexts in
+which it takes the SCP role (role selection, PS3.7 D.3.3.4); those, and only those, are
+accepted with the syntaxes we can send, JPIP Referenced included. Storage contexts for
+instances sent to us never accept JPIP Referenced: we store no header-only objects.
 """
 
 from __future__ import annotations
@@ -32,8 +38,17 @@ from pydicom.uid import (
     HTJ2KLossless,
     HTJ2KLosslessRPCL,
 )
-from pynetdicom import AE, AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -41,7 +56,9 @@ from twisted.logger import Logger
 
 from imageshare.config import DicomConfig
 from imageshare.endpoints import parse_dicom_endpoint
+from imageshare.dicom.derived import JPIP_REFERENCED
 from imageshare.protocols.dicom.handlers import StoreHandler, event_handlers
+from imageshare.protocols.dicom.qr import QueryRetrieveSCP
 
 _NATIVE = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
 _COMPRESSED = [
@@ -69,8 +86,41 @@ def accepted_transfer_syntaxes() -> list[UID]:
     return _NATIVE + [ts for ts in _COMPRESSED if get_decoder(ts).is_available]
 
 
+_QUERY_RETRIEVE = [
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+]
+_STORAGE = frozenset(cx.abstract_syntax for cx in AllStoragePresentationContexts)
+
+
+def _retrieve_context(abstract_syntax: str, syntaxes: list[UID]) -> PresentationContext:
+    context = build_context(abstract_syntax, syntaxes)
+    context.scu_role = context.scp_role = True
+    return context
+
+
+def offer_retrieve_syntaxes(event: Any) -> None:
+    """EVT_REQUESTED, before negotiation: storage contexts the requestor takes the SCP
+    role for (C-GET) accept what we can send. Native syntaxes come first (everything can
+    go out decoded), then the compressed ones we archive, and JPIP Referenced last, so
+    that it is chosen only in a context that proposes it alone (PS3.17 GG)."""
+    assoc = event.assoc
+    scp_role = {str(uid) for uid, item in assoc.requestor.role_selection.items() if item.scp_role} & _STORAGE
+    if not scp_role:
+        return
+    syntaxes = accepted_transfer_syntaxes() + [JPIP_REFERENCED]
+    assoc.acceptor.supported_contexts = [
+        _retrieve_context(cx.abstract_syntax, syntaxes) if cx.abstract_syntax in scp_role else cx
+        for cx in assoc.acceptor.supported_contexts
+    ]
+
+
 class DicomListenerService(Service):
-    """Runs the C-ECHO / C-STORE SCP on the configured endpoint."""
+    """Runs the C-ECHO / C-STORE SCP, and the Q/R SCP if given, on the configured endpoint."""
 
     log = Logger(namespace="imageshare.dicom")
 
@@ -81,10 +131,12 @@ class DicomListenerService(Service):
         reactor: Any,
         *,
         config_dir: Path | None = None,
+        query_retrieve: QueryRetrieveSCP | None = None,
     ) -> None:
         self.setName("dicom")
         self._config = config
         self._store_handler = store_handler
+        self._query_retrieve = query_retrieve
         self._reactor = reactor
         self._config_dir = config_dir
         self._endpoint = parse_dicom_endpoint(config.listen)
@@ -104,10 +156,22 @@ class DicomListenerService(Service):
         if c.allowed_calling_aets:
             ae.require_calling_aet = list(c.allowed_calling_aets)
         syntaxes = accepted_transfer_syntaxes()
+        # With Q/R: roles as the requestor proposes them, SCP for C-GET (offer_retrieve_syntaxes
+        # widens those contexts), the default SCU otherwise.
+        roles = True if self._query_retrieve is not None else None
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, syntaxes)
+            ae.add_supported_context(context.abstract_syntax, syntaxes, scu_role=roles, scp_role=roles)
         ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        if self._query_retrieve is not None:
+            for abstract_syntax in _QUERY_RETRIEVE:
+                ae.add_supported_context(abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae
+
+    def _event_handlers(self) -> list[tuple[Any, Any]]:
+        handlers = event_handlers(self._store_handler)
+        if self._query_retrieve is not None:
+            handlers += self._query_retrieve.handlers() + [(evt.EVT_REQUESTED, offer_retrieve_syntaxes)]
+        return handlers
 
     def startService(self) -> None:
         ep = self._endpoint
@@ -115,7 +179,7 @@ class DicomListenerService(Service):
         self._server = self._ae.start_server(
             (ep.interface, ep.port),
             block=False,
-            evt_handlers=event_handlers(self._store_handler),
+            evt_handlers=self._event_handlers(),
             ssl_context=ep.ssl_context(self._config_dir),
         )
         self.port = self._server.server_address[1]
