@@ -133,15 +133,17 @@ async def test_calling_ae_allow_list(start_server) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_bad_input_gets_failure_status_and_server_keeps_serving(start_server, tmp_path: Path) -> None:
+async def test_bad_input_gets_failure_status_and_server_keeps_serving(start_server, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Truncated and UID-less data sets, garbage bytes and tiny PDUs: failures, then normal service."""
+    # Send files' bytes as they are (pynetdicom would otherwise decode and re-encode); the
+    # setting is process-wide, so it is undone after this test.
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
     server = await start_server()
     port = server.dicom_port
     good = (sample_file("CT_small.dcm"))
 
     def send_raw_dataset(payload: bytes, sop_instance_uid: str) -> int | None:
-        # Send the file's bytes as they are (pynetdicom would otherwise decode and re-encode).
-        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
         f = part10_file(tmp_path / "raw.dcm", payload, transfer_syntax=ExplicitVRLittleEndian,
                         sop_class_uid=CTImageStorage, sop_instance_uid=sop_instance_uid)
         return scu_store(port, [f], contexts=[build_context(CTImageStorage, ExplicitVRLittleEndian)])[0]
