@@ -45,6 +45,7 @@ from imageshare.transcode.params import EncodeParams
 from imageshare.transcode.service import TranscodeService
 from imageshare.web.root import QuietSite, RootResource
 from imageshare.web.status import StatusResource
+from imageshare.web.wado import WadoResource, WadoRetriever
 from imageshare.workers import ProcessPoolService, WorkerPoolService
 
 
@@ -133,6 +134,8 @@ class ImageShareService(MultiService):
 
         tc = config.transcode
         self.db_pool = WorkerPoolService("catalog-pool", 2, reactor)
+        # WADO-URI reads, decodes and renders here; two threads cap concurrent renderings.
+        self.wado_pool = WorkerPoolService("wado-pool", 2, reactor)
         params = EncodeParams(
             lossless=tc.lossless,
             layer_rates=tc.layer_rates,
@@ -195,6 +198,8 @@ class ImageShareService(MultiService):
             aux=self.jpip_aux if jc.tcp_listen else None,
         )
         root.putChild(b"jpip", jpip_resource)
+        wado = WadoRetriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url)
+        root.putChild(b"wado", WadoResource(wado, self.wado_pool))
         root.putChild(
             b"status",
             StatusResource(
@@ -234,8 +239,8 @@ class ImageShareService(MultiService):
                 tls_context=functools.partial(client_tls_context, config.dicom.listen, config_dir),
             ),
         )
-        for child in (self.db_pool, self.transcode_pool, self.transcoder, self.jpip_sweeper, self.http, self.manifests,
-                      self.dicom):
+        for child in (self.db_pool, self.wado_pool, self.transcode_pool, self.transcoder, self.jpip_sweeper, self.http,
+                      self.manifests, self.dicom):
             child.setServiceParent(self)
         if self.jpip_tcp is not None:
             self.jpip_tcp.setServiceParent(self)
@@ -277,7 +282,7 @@ class ImageShareService(MultiService):
         self.jpip.aux_port = None
         self.jpip_aux.close_all()
         children = (self.dicom, self.http, self.jpip_tcp, self.jpip_sweeper, self.manifests, self.transcoder,
-                    self.transcode_pool, self.db_pool)
+                    self.transcode_pool, self.wado_pool, self.db_pool)
         for child in children:
             if child is not None and child.running:
                 try:

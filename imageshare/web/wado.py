@@ -1,0 +1,348 @@
+"""
+``GET|HEAD /wado``: WADO-URI (PS3.18 chapter 9, IHE RAD-55).
+
+Two parts:
+
+* :class:`WadoRetriever` does the blocking work for one request, on the WADO pool: the
+  catalog lookup, the ETag check, file reads, decoding, rendering and DICOM encoding.
+* :class:`WadoResource` is the thin adapter: it parses the query (pure,
+  :mod:`imageshare.wado.query`), hands it to the pool and writes the answer. Nothing
+  blocking runs on the reactor.
+
+Request values are never used as paths: the object is found by its UID in the catalog,
+and only the catalog's paths are opened. Error reasons never repeat request values.
+
+De-identification (``anonymize=yes``) maps UIDs with a salted hash. The salt is random,
+made once per data directory and kept in the catalog's settings (never logged or sent):
+the same object gets the same pseudonymous UIDs on every request and after restarts, so
+a receiver can fetch a study in pieces, and nobody without the catalog can recompute the
+mapping from the original UIDs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+import attrs
+from pydicom import dcmread
+from pydicom.pixels import apply_color_lut, pixel_array
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from imageshare.dicom import derived
+from imageshare.interfaces import ICatalog
+from imageshare.store.archive import Archive
+from imageshare.store.records import InstanceRow, State
+from imageshare.transcode import openjpeg
+from imageshare.wado import render
+from imageshare.wado.query import (
+    DEFAULT_QUALITY,
+    JPEG2000_LOSSLESS,
+    JPIP_SYNTAXES,
+    Delivery,
+    WadoError,
+    WadoQuery,
+    negotiate,
+    parse_query,
+)
+from imageshare.workers import WorkerPoolService
+
+__all__ = ["Answer", "WadoRetriever", "WadoResource", "SALT_SETTING"]
+
+log = Logger(namespace="imageshare.wado")
+
+#: Catalog setting holding the de-identification salt (hex).
+SALT_SETTING = "wado.deidentify_salt"
+# Tries when the object is replaced (re-received) while it is being read.
+_ATTEMPTS = 3
+
+
+@attrs.frozen
+class Answer:
+    """A response: status, body and the headers that depend on the object."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = ""
+    etag: str | None = None
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    """If-None-Match (RFC 9110 13.1.2): weak comparison, ``*`` matches any object."""
+    if not header:
+        return False
+    for candidate in header.split(","):
+        candidate = candidate.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+class WadoRetriever:
+    """Answers one parsed WADO-URI request. Blocking: call it on the WADO pool.
+
+    Parameters
+    ----------
+    catalog : ICatalog
+        Where objects are found.
+    archive : Archive
+        Where their archived Part 10 files are.
+    data_dir : Path
+        Root of the frames' codestream paths.
+    public_url : str
+        Base of the Pixel Data Provider URL of JPIP Referenced objects.
+    """
+
+    def __init__(self, catalog: ICatalog, archive: Archive, data_dir: Path, *, public_url: str) -> None:
+        self._catalog = catalog
+        self._archive = archive
+        self._data_dir = data_dir
+        self._public_url = public_url
+        self._salt: bytes | None = None
+        self._lock = threading.Lock()
+
+    def _secret(self) -> bytes:
+        with self._lock:
+            if self._salt is None:
+                self._salt = bytes.fromhex(self._catalog.ensure_setting(SALT_SETTING, secrets.token_hex(32)))
+            return self._salt
+
+    def __call__(self, query: WadoQuery, if_none_match: str | None = None) -> Answer:
+        for _ in range(_ATTEMPTS):
+            row = self._find(query)
+            try:
+                delivery = negotiate(
+                    query,
+                    is_image=self._is_image(row),
+                    streamable=row.state is State.STREAMABLE,
+                    original_syntax=row.transfer_syntax_uid,
+                )
+                etag = self._etag(row, delivery)
+                if _etag_matches(if_none_match, etag):
+                    return Answer(304, etag=etag)
+                body = self._rendered(row, delivery) if delivery.rendered else self._dicom(row, delivery)
+            except FileNotFoundError:
+                continue  # re-received or transcoded meanwhile: the files read are replaced
+            if self._catalog.get_instance(row.sop_instance_uid) == row:
+                return Answer(200, body, delivery.content_type, etag)
+        raise WadoError(503, "the object changed or its files are unavailable; try again")
+
+    def _find(self, query: WadoQuery) -> InstanceRow:
+        row = self._catalog.get_instance(query.object_uid)
+        if row is None or (row.study_instance_uid, row.series_instance_uid) != (query.study_uid, query.series_uid):
+            raise WadoError(404, "no such object in this study and series")
+        return row
+
+    def _is_image(self, row: InstanceRow) -> bool:
+        if row.state in (State.STREAMABLE, State.NOT_STREAMABLE):
+            return True
+        if row.state is State.NOT_IMAGE:
+            return False
+        # Not classified yet (pending) or failed: an image has Rows.
+        try:
+            ds = dcmread(self._archive.path(row.path), stop_before_pixels=True, specific_tags=["Rows"])
+        except FileNotFoundError:
+            raise
+        except Exception:  # unreadable: it will not render either
+            return False
+        return "Rows" in ds
+
+    def _etag(self, row: InstanceRow, delivery: Delivery) -> str:
+        # The salt and public URL shape de-identified and JPIP Referenced bodies; the state
+        # says where the pixels come from (our codestreams or the original).
+        server = hashlib.sha256(self._secret() + self._public_url.encode()).hexdigest()[:16]
+        text = f"{row.sop_instance_uid}|{row.generation}|{row.state.value}|{server}|{delivery.key()}"
+        return '"' + hashlib.sha256(text.encode()).hexdigest()[:40] + '"'
+
+    # --- application/dicom ----------------------------------------------------------------
+
+    def _dicom(self, row: InstanceRow, delivery: Delivery) -> bytes:
+        syntax = delivery.transfer_syntax
+        assert syntax is not None
+        data = self._archive.path(row.path).read_bytes()
+        if syntax == row.transfer_syntax_uid and not delivery.anonymize:
+            return data  # the archived object, byte for byte
+        try:
+            original = derived.read_part10(data)
+        except ValueError:  # InvalidDicomError is one too
+            raise WadoError(406, "the archived object cannot be parsed, only sent as it is") from None
+        try:
+            if syntax in JPIP_SYNTAXES:
+                url = derived.jpip_url(self._public_url, row.sop_instance_uid)
+                ds = derived.jpip_referenced(original, self._catalog.frames(row.sop_instance_uid), url)
+            elif syntax == JPEG2000_LOSSLESS:
+                codestreams = [
+                    (self._data_dir / f.codestream_path).read_bytes()
+                    for f in self._catalog.frames(row.sop_instance_uid)
+                ]
+                ds = derived.jpeg2000_lossless(original, codestreams)
+            elif syntax == row.transfer_syntax_uid:
+                ds = original
+            else:
+                ds = derived.native(original)
+            if delivery.anonymize:
+                ds = derived.deidentify(ds, salt=self._secret())
+            return derived.encode(ds, syntax)
+        except derived.DerivationError as e:
+            raise WadoError(406, f"the object cannot be produced in that transfer syntax: {e}") from None
+
+    # --- image/jpeg, image/png --------------------------------------------------------------
+
+    def _rendered(self, row: InstanceRow, delivery: Delivery) -> bytes:
+        path = self._archive.path(row.path)
+        if row.state is State.STREAMABLE:
+            frames = self._catalog.frames(row.sop_instance_uid)
+            if not 1 <= delivery.frame_number <= len(frames):
+                raise WadoError(400, f"frameNumber is beyond the object's {len(frames)} frame(s)")
+            frame = frames[delivery.frame_number - 1]
+            photometry = render.photometry_of(dcmread(path, stop_before_pixels=True))
+            if not photometry.grey:
+                photometry = attrs.evolve(photometry, bits_stored=frame.precision)
+            full = (frame.width, frame.height)
+            box = render.crop_box(*full, delivery.region)
+            size = render.output_size(box[2] - box[0], box[3] - box[1], delivery.rows, delivery.columns)
+            codestream = (self._data_dir / frame.codestream_path).read_bytes()
+            reduce = render.choose_reduce(full, box, size, render.decomposition_levels(codestream))
+            pixels = openjpeg.decode(codestream, reduce=reduce)
+        else:
+            reduce = 0
+            try:
+                ds = dcmread(path)
+            except FileNotFoundError:
+                raise
+            except Exception:  # a failed instance may be unreadable
+                raise WadoError(406, "the archived object cannot be parsed for rendering") from None
+            photometry = render.photometry_of(ds)
+            count = int(ds.get("NumberOfFrames") or 1)
+            if not 1 <= delivery.frame_number <= count:
+                raise WadoError(400, f"frameNumber is beyond the object's {count} frame(s)")
+            pixels = self._decode(ds, delivery.frame_number)
+            full = (pixels.shape[1], pixels.shape[0])
+            box = render.crop_box(*full, delivery.region)
+            size = render.output_size(box[2] - box[0], box[3] - box[1], delivery.rows, delivery.columns)
+        return render.render(
+            pixels,
+            photometry,
+            box=box,
+            size=size,
+            reduce=reduce,
+            window=delivery.window,
+            content_type=delivery.content_type,
+            quality=delivery.quality or DEFAULT_QUALITY,
+        )
+
+    @staticmethod
+    def _decode(ds: Any, frame_number: int) -> Any:
+        """One frame with pydicom (colour as RGB), for objects we have no codestreams of."""
+        if "PixelData" not in ds:
+            raise WadoError(406, "the object has no integer pixel data to render")
+        try:
+            pixels = pixel_array(ds, index=frame_number - 1)
+            if str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
+                pixels = apply_color_lut(pixels, ds)
+        except Exception as e:  # pydicom and its plugins raise many types on bad data
+            log.info("cannot decode pixels: {error}", error=type(e).__name__)
+            raise WadoError(406, "the object's pixels cannot be decoded for rendering") from None
+        return pixels
+
+
+class WadoResource(Resource):
+    """``/wado``: parses on the reactor, does everything else on the WADO pool.
+
+    Parameters
+    ----------
+    retriever : callable
+        ``retriever(query, if_none_match) -> Answer``, blocking (a :class:`WadoRetriever`).
+    pool : WorkerPoolService
+        Where it runs; its size caps concurrent renderings.
+    max_waiting : int
+        Requests queued for the pool beyond which new ones get 503 at once.
+    """
+
+    isLeaf = True
+
+    def __init__(self, retriever: Any, pool: WorkerPoolService, *, max_waiting: int = 64) -> None:
+        super().__init__()
+        self._retriever = retriever
+        self._pool = pool
+        self._max_waiting = max_waiting
+        self._waiting = 0
+
+    def render_GET(self, request: Request) -> int | bytes:
+        if request.postpath and request.postpath != [b""]:
+            return self._refuse(request, WadoError(404, "WADO-URI is served at /wado only"))
+        _, _, raw_query = request.uri.partition(b"?")
+        try:
+            query = parse_query(raw_query, request.getHeader(b"accept"))
+        except WadoError as e:
+            return self._refuse(request, e)
+        if self._waiting >= self._max_waiting:
+            request.setHeader(b"retry-after", b"1")
+            return self._refuse(request, WadoError(503, "too many WADO requests are waiting; try again"))
+        # Everything else (catalog, files, decoding) blocks: on the pool.
+        header = request.getHeader(b"if-none-match")
+        if_none_match = header.decode("latin-1") if header else None
+        self._waiting += 1
+        d = self._pool.run(self._retriever, query, if_none_match)
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
+
+        def done(result: Answer | Failure) -> None:
+            self._waiting -= 1
+            if finished:
+                return  # the client went away; the work could not be interrupted
+            if isinstance(result, Answer):
+                self._write(request, result)
+            else:
+                if result.check(WadoError):
+                    error = result.value
+                else:
+                    log.failure("WADO request for {sop_instance_uid} failed", result,
+                                sop_instance_uid=query.object_uid)
+                    error = WadoError(500, "internal error")
+                request.write(self._refuse(request, error, sop_instance_uid=query.object_uid))
+                request.finish()
+
+        d.addBoth(done)
+        return NOT_DONE_YET
+
+    render_HEAD = render_GET
+
+    def render(self, request: Request) -> int | bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return self._refuse(request, WadoError(405, "WADO-URI answers GET and HEAD only"))
+        return super().render(request)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _write(request: Request, answer: Answer) -> None:
+        request.setResponseCode(answer.status)
+        request.setHeader(b"cache-control", b"private")
+        if answer.etag is not None:
+            request.setHeader(b"etag", answer.etag.encode("ascii"))
+        if answer.status != 304:
+            request.setHeader(b"content-type", answer.content_type.encode("ascii"))
+            request.setHeader(b"content-length", str(len(answer.body)).encode("ascii"))
+            request.write(answer.body)
+        request.finish()
+
+    @staticmethod
+    def _refuse(request: Request, error: WadoError, **fields: Any) -> bytes:
+        """Set up a plain-text error and return its body; logged at info.
+
+        Only a validated object UID is logged with it, never other request values.
+        """
+        log.info("WADO request refused: {status} {reason}", status=error.status, reason=error.reason, **fields)
+        body = error.reason.encode("ascii", "replace") + b"\n"
+        request.setResponseCode(error.status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"content-length", str(len(body)).encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return body
