@@ -45,6 +45,7 @@ from imageshare.transcode.params import EncodeParams
 from imageshare.transcode.service import TranscodeService
 from imageshare.web.root import QuietSite, RootResource
 from imageshare.web.status import StatusResource
+from imageshare.wado.cache import ResponseCache
 from imageshare.web.wado import WadoResource, WadoRetriever
 from imageshare.workers import ProcessPoolService, WorkerPoolService
 
@@ -134,8 +135,8 @@ class ImageShareService(MultiService):
 
         tc = config.transcode
         self.db_pool = WorkerPoolService("catalog-pool", 2, reactor)
-        # WADO-URI reads, decodes and renders here; two threads cap concurrent renderings.
-        self.wado_pool = WorkerPoolService("wado-pool", 2, reactor)
+        # WADO-URI reads, decodes and renders here; the pool size caps concurrent renderings.
+        self.wado_pool = WorkerPoolService("wado-pool", config.wado.workers, reactor)
         params = EncodeParams(
             lossless=tc.lossless,
             layer_rates=tc.layer_rates,
@@ -198,7 +199,9 @@ class ImageShareService(MultiService):
             aux=self.jpip_aux if jc.tcp_listen else None,
         )
         root.putChild(b"jpip", jpip_resource)
-        wado = WadoRetriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url)
+        self.wado_cache = ResponseCache(config.wado.cache_bytes) if config.wado.cache_bytes else None
+        wado = WadoRetriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
+                             cache=self.wado_cache)
         root.putChild(b"wado", WadoResource(wado, self.wado_pool))
         root.putChild(
             b"status",
@@ -239,11 +242,13 @@ class ImageShareService(MultiService):
                 tls_context=functools.partial(client_tls_context, config.dicom.listen, config_dir),
             ),
         )
-        for child in (self.db_pool, self.wado_pool, self.transcode_pool, self.transcoder, self.jpip_sweeper, self.http,
-                      self.manifests, self.dicom):
+        # Listeners start first: they are what can fail at start (a port in use), and then
+        # no pool thread or worker process has started that would keep the process alive.
+        # Nothing is served before the reactor runs, by when everything has started.
+        listeners = [self.http] + ([self.jpip_tcp] if self.jpip_tcp is not None else []) + [self.dicom]
+        for child in (*listeners, self.db_pool, self.wado_pool, self.transcode_pool, self.transcoder,
+                      self.jpip_sweeper, self.manifests):
             child.setServiceParent(self)
-        if self.jpip_tcp is not None:
-            self.jpip_tcp.setServiceParent(self)
 
     def _aux_listening(self, port: IListeningPort) -> None:
         # Announced in JPIP-cnew; http-tcp is granted only from now on.

@@ -87,8 +87,10 @@ class ImageShare(Receiver):
         data.mkdir(parents=True)
         cfg = data / "imageshare.ini"
         ini = configparser.ConfigParser()
+        # Every listener on a free loopback port: several servers may run side by side.
         ini.read_dict({"storage": {"data_dir": "var"}, "dicom": {"listen": "tcp:0:interface=127.0.0.1"},
-                       "http": {"listen": "tcp:0:interface=127.0.0.1"}})
+                       "http": {"listen": "tcp:0:interface=127.0.0.1"},
+                       "jpip": {"tcp_listen": "tcp:0:interface=127.0.0.1"}})
         for setting in self.settings:  # section.key=value
             name, value = setting.split("=", 1)
             section, key = name.split(".", 1)
