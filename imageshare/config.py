@@ -90,6 +90,12 @@ class ManifestConfig:
 
 
 @attrs.frozen
+class WadoConfig:
+    cache_bytes: int
+    workers: int
+
+
+@attrs.frozen
 class DicomDestination:
     """A C-MOVE destination: where the AE title named in a C-MOVE request is reached."""
 
@@ -110,6 +116,7 @@ class Config:
     transcode: TranscodeConfig
     jpip: JpipConfig
     manifest: ManifestConfig
+    wado: WadoConfig
     dicom_destinations: tuple[DicomDestination, ...]
 
 
@@ -306,6 +313,10 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             stable_after=r.get("manifest", "stable_after", "60", _seconds),
             retrieve_location_uid=r.get("manifest", "retrieve_location_uid", "", _optional_uid),
             retrieve_ae_title=r.get("manifest", "retrieve_ae_title", "", _optional_ae_title),
+        ),
+        wado=WadoConfig(
+            cache_bytes=r.get("wado", "cache_bytes", "67108864", _int_range(0, 1 << 40)),
+            workers=r.get("wado", "workers", "2", _int_range(1, 64)),
         ),
         dicom_destinations=_destinations(parser, r),
     )

@@ -23,12 +23,18 @@ from imageshare.web.pipeline import RequestScanner, RequestStarted, ScannedReque
 
 log = Logger(namespace="imageshare.http")
 
+_SEND_LIMIT = 1 << 20
+
 
 class ScanningHTTPChannel(HTTPChannel):
     """``HTTPChannel`` plus early notice of (pipelined) requests; see the module docstring."""
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # Twisted writes at most 128 KiB per send(); whole DICOM objects and JPIP responses
+        # are megabytes, and each extra pass through the reactor costs more than the copy.
+        if hasattr(self.transport, "SEND_LIMIT"):
+            self.transport.SEND_LIMIT = _SEND_LIMIT
         self._scanner = RequestScanner()
         self._untaken: collections.deque[int] = collections.deque()  # numbered, no Request yet
         self._incomplete: dict[int, int] = {}  # request index → number, until its bytes are in

@@ -30,6 +30,7 @@ from typing import Any
 import attrs
 from pydicom import dcmread
 from pydicom.pixels import apply_color_lut, pixel_array
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -41,6 +42,7 @@ from imageshare.store.archive import Archive
 from imageshare.store.records import InstanceRow, State
 from imageshare.transcode import openjpeg
 from imageshare.wado import render
+from imageshare.wado.cache import ResponseCache
 from imageshare.wado.query import (
     DEFAULT_QUALITY,
     JPEG2000_LOSSLESS,
@@ -61,6 +63,9 @@ log = Logger(namespace="imageshare.wado")
 SALT_SETTING = "wado.deidentify_salt"
 # Tries when the object is replaced (re-received) while it is being read.
 _ATTEMPTS = 3
+# Enough of a codestream to hold its main header (SIZ, COD, COC: our codestreams' are small).
+_MAIN_HEADER_READ = 16384
+_NATIVE_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 @attrs.frozen
@@ -97,13 +102,19 @@ class WadoRetriever:
         Root of the frames' codestream paths.
     public_url : str
         Base of the Pixel Data Provider URL of JPIP Referenced objects.
+    cache : ResponseCache or None
+        Answers kept by ETag; ``None`` keeps none.
     """
 
-    def __init__(self, catalog: ICatalog, archive: Archive, data_dir: Path, *, public_url: str) -> None:
+    def __init__(
+        self, catalog: ICatalog, archive: Archive, data_dir: Path, *, public_url: str,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self._catalog = catalog
         self._archive = archive
         self._data_dir = data_dir
         self._public_url = public_url
+        self._cache = cache
         self._salt: bytes | None = None
         self._lock = threading.Lock()
 
@@ -126,10 +137,15 @@ class WadoRetriever:
                 etag = self._etag(row, delivery)
                 if _etag_matches(if_none_match, etag):
                     return Answer(304, etag=etag)
+                cached = self._cache.get(etag) if self._cache is not None else None
+                if cached is not None:
+                    return Answer(200, cached[1], cached[0], etag)
                 body = self._rendered(row, delivery) if delivery.rendered else self._dicom(row, delivery)
             except FileNotFoundError:
                 continue  # re-received or transcoded meanwhile: the files read are replaced
             if self._catalog.get_instance(row.sop_instance_uid) == row:
+                if self._cache is not None:
+                    self._cache.put(etag, delivery.content_type, body)
                 return Answer(200, body, delivery.content_type, etag)
         raise WadoError(503, "the object changed or its files are unavailable; try again")
 
@@ -207,9 +223,16 @@ class WadoRetriever:
             full = (frame.width, frame.height)
             box = render.crop_box(*full, delivery.region)
             size = render.output_size(box[2] - box[0], box[3] - box[1], delivery.rows, delivery.columns)
-            codestream = (self._data_dir / frame.codestream_path).read_bytes()
-            reduce = render.choose_reduce(full, box, size, render.decomposition_levels(codestream))
-            pixels = openjpeg.decode(codestream, reduce=reduce)
+            with open(self._data_dir / frame.codestream_path, "rb") as f:
+                head = f.read(_MAIN_HEADER_READ)
+            reduce = render.choose_reduce(full, box, size, render.decomposition_levels(head))
+            if reduce == 0 and photometry.grey and row.transfer_syntax_uid in _NATIVE_LE:
+                # Full resolution of an uncompressed original: its own pixels (the same
+                # values, the codestream is lossless) are a read away, a full decode is not.
+                pixels = self._decode(dcmread(path), delivery.frame_number)
+            else:
+                codestream = (self._data_dir / frame.codestream_path).read_bytes()
+                pixels = openjpeg.decode(codestream, reduce=reduce)
         else:
             reduce = 0
             try:
