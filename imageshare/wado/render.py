@@ -386,6 +386,9 @@ def render(
     if photometry.grey:
         if pixels.ndim != 2:
             raise WadoError(406, "the grey pixels cannot be rendered (more than one sample)")
+        fast = _shown_as_stored(pixels, photometry, box, size, reduce, window)
+        if fast is not None:
+            return encode_image(Image.fromarray(fast, "L"), content_type, quality)
         values = _modality(pixels, photometry)
         # VOI from the whole frame (a region shows the same grey levels as the full view),
         # applied after resampling: interpolation happens in modality units, as the window
@@ -396,6 +399,32 @@ def render(
     else:
         image = Image.fromarray(_resample(_rgb8(pixels, photometry.bits_stored), "RGB", box, reduce, size), "RGB")
     return encode_image(image, content_type, quality)
+
+
+def _shown_as_stored(
+    pixels: np.ndarray, photometry: Photometry, box: tuple[int, int, int, int], size: tuple[int, int],
+    reduce: int, window: Window | None,
+) -> np.ndarray | None:
+    """Grey levels through a lookup table, when nothing is interpolated; else ``None``.
+
+    Without resampling, every output pixel is a function of its stored value alone, so
+    the grey pipeline runs once per possible value rather than once per pixel (a CR has
+    millions of pixels but tens of thousands of values). The result is identical.
+    """
+    if reduce or (box[2] - box[0], box[3] - box[1]) != size or photometry.modality_lut is not None:
+        return None
+    if pixels.dtype.kind not in "iu" or pixels.size == 0:
+        return None
+    low, high = int(pixels.min()), int(pixels.max())
+    if high - low >= 1 << 20:
+        return None
+    domain = np.arange(low, high + 1, dtype=np.int64)
+    # Rescale is monotonic, so the frame's extreme values are the domain's: a min-max VOI
+    # chosen on the domain is the one chosen on the frame.
+    values = _modality(domain, photometry)
+    lut = _display(values, _choose_voi(values, photometry, window), photometry)
+    crop = pixels[box[1] : box[3], box[0] : box[2]]
+    return np.ascontiguousarray(lut[crop.astype(np.int64) - low])
 
 
 def encode_image(image: Image.Image, content_type: str, quality: int = 90) -> bytes:

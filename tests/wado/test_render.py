@@ -324,3 +324,30 @@ def test_lut_call_clamps() -> None:
     """A LUT maps values below its first entry to the first, above its last to the last."""
     lut = Lut(first=5, bits=8, data=np.array([1.0, 2.0, 3.0]))
     np.testing.assert_array_equal(lut(np.array([0, 5, 6, 7, 100])), [1, 1, 2, 3, 3])
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+@pytest.mark.parametrize("window", [None, (40.0, 400.0), (-600.0, 1.0)])
+@pytest.mark.parametrize("monochrome1", [False, True])
+def test_lookup_table_path_equals_per_pixel_path(name: str, window: tuple[float, float] | None,
+                                                 monochrome1: bool) -> None:
+    """Unscaled grey renderings go through a table over the stored values; the grey levels
+    are exactly those of the per-pixel pipeline (rescale, window or min-max, MONOCHROME1)."""
+    from pydicom import dcmread
+
+    from tests.helpers import sample_file
+
+    ds = dcmread(sample_file(name))
+    if monochrome1:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+    photometry = render.photometry_of(ds)
+    pixels = ds.pixel_array
+    w = render.Window(*window) if window else None
+    box = (3, 5, pixels.shape[1] - 7, pixels.shape[0] - 2)
+    fast = render._shown_as_stored(pixels, photometry, box, (box[2] - box[0], box[3] - box[1]), 0, w)
+    assert fast is not None
+    expected = render.voi_levels(pixels, photometry, w)[box[1] : box[3], box[0] : box[2]]
+    np.testing.assert_array_equal(fast, expected)
+    # Anything interpolated takes the per-pixel path.
+    assert render._shown_as_stored(pixels, photometry, box, (10, 10), 0, w) is None
+    assert render._shown_as_stored(pixels, photometry, box, (box[2] - box[0], box[3] - box[1]), 1, w) is None
