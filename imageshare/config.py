@@ -93,6 +93,7 @@ class ManifestConfig:
 class WadoConfig:
     cache_bytes: int
     workers: int
+    decode_threads: int
 
 
 @attrs.frozen
@@ -317,6 +318,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         wado=WadoConfig(
             cache_bytes=r.get("wado", "cache_bytes", "67108864", _int_range(0, 1 << 40)),
             workers=r.get("wado", "workers", "2", _int_range(1, 64)),
+            decode_threads=r.get("wado", "decode_threads", "2", _int_range(1, 64)),
         ),
         dicom_destinations=_destinations(parser, r),
     )

@@ -201,7 +201,7 @@ class ImageShareService(MultiService):
         root.putChild(b"jpip", jpip_resource)
         self.wado_cache = ResponseCache(config.wado.cache_bytes) if config.wado.cache_bytes else None
         wado = WadoRetriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
-                             cache=self.wado_cache)
+                             cache=self.wado_cache, decode_threads=config.wado.decode_threads)
         root.putChild(b"wado", WadoResource(wado, self.wado_pool))
         root.putChild(
             b"status",

@@ -443,6 +443,7 @@ def decode(
     *,
     reduce: int = 0,
     layers: int | None = None,
+    threads: int = 1,
 ) -> np.ndarray:
     """Decode a J2C codestream (or a JP2 file) with OpenJPEG.
 
@@ -454,6 +455,8 @@ def decode(
         Discard this many of the highest resolution levels (each halves the size).
     layers : int or None
         Decode only the first ``layers`` quality layers; ``None`` decodes all.
+    threads : int
+        OpenJPEG threads for this decode (code-blocks are decoded in parallel).
 
     Returns
     -------
@@ -517,6 +520,8 @@ def decode(
         messages.install(lib, codec)
         if not lib.opj_setup_decoder(codec, ctypes.byref(dparams)):
             raise DecodeError(messages.describe("opj_setup_decoder"))
+        if threads > 1 and not lib.opj_codec_set_threads(codec, threads):
+            raise DecodeError(messages.describe("opj_codec_set_threads"))
         stream = open_stream()
         try:
             if not lib.opj_read_header(stream, codec, ctypes.byref(image)):

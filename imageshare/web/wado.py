@@ -104,17 +104,20 @@ class WadoRetriever:
         Base of the Pixel Data Provider URL of JPIP Referenced objects.
     cache : ResponseCache or None
         Answers kept by ETag; ``None`` keeps none.
+    decode_threads : int
+        OpenJPEG threads per decode (a reduced view of a large image decodes faster).
     """
 
     def __init__(
         self, catalog: ICatalog, archive: Archive, data_dir: Path, *, public_url: str,
-        cache: ResponseCache | None = None,
+        cache: ResponseCache | None = None, decode_threads: int = 1,
     ) -> None:
         self._catalog = catalog
         self._archive = archive
         self._data_dir = data_dir
         self._public_url = public_url
         self._cache = cache
+        self._decode_threads = decode_threads
         self._salt: bytes | None = None
         self._lock = threading.Lock()
 
@@ -232,7 +235,7 @@ class WadoRetriever:
                 pixels = self._decode(dcmread(path), delivery.frame_number)
             else:
                 codestream = (self._data_dir / frame.codestream_path).read_bytes()
-                pixels = openjpeg.decode(codestream, reduce=reduce)
+                pixels = openjpeg.decode(codestream, reduce=reduce, threads=self._decode_threads)
         else:
             reduce = 0
             try:

@@ -18,6 +18,7 @@ import pytest_twisted
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from twisted.internet import threads
+from twisted.logger import formatEvent, globalLogPublisher
 
 from imageshare.jpip_cli import JpipClient
 from tests.helpers import sample_file
@@ -45,7 +46,22 @@ async def test_manifest_and_header_reach_a_viewer(start_server, tmp_path: Path) 
     """storescu sends a 3-image study; its manifest is built and C-FIND (IMAGE level) lists it
     beside the images; WADO returns it as application/dicom (and refuses to render it with
     406); WADO returns an image's JPIP-referenced header, whose Pixel Data Provider URL
-    gives the exact pixels over JPIP."""
+    gives the exact pixels over JPIP. No log event along the way names the patient."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await _chain(start_server, tmp_path)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    src = dcmread(sample_file("CT_small.dcm"), stop_before_pixels=True)
+    secrets = {str(src.PatientName), str(src.PatientID)}
+    assert any(e.get("log_namespace", "").startswith("imageshare") for e in events)
+    for event in events:
+        text = formatEvent(event) + repr({k: v for k, v in event.items() if not k.startswith("log_")})
+        assert not any(secret in text for secret in secrets), text
+
+
+async def _chain(start_server: Any, tmp_path: Path) -> None:
     server = await start_server(manifest={"stable_after": "0.5"})
     src = dcmread(sample_file("CT_small.dcm"))
     study, series = generate_uid(), generate_uid()

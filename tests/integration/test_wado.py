@@ -196,9 +196,9 @@ async def test_monochrome1_cr_renderings_match_dcmtk(served_cr: Client, tmp_path
     reduces: list[int] = []
     decode = openjpeg.decode
 
-    def spy(data: Any, *, reduce: int = 0, layers: int | None = None) -> np.ndarray:
+    def spy(data: Any, *, reduce: int = 0, layers: int | None = None, threads: int = 1) -> np.ndarray:
         reduces.append(reduce)
-        return decode(data, reduce=reduce, layers=layers)
+        return decode(data, reduce=reduce, layers=layers, threads=threads)
 
     monkeypatch.setattr(openjpeg, "decode", spy)
     code, _, body = await served_cr.get("cr", contentType="image/png", columns=256)

@@ -548,3 +548,14 @@ def test_no_reactor_import() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], timeout=TOOL_TIMEOUT, env={**os.environ})
     assert result.returncode == 0
+
+
+def test_threaded_decode_is_identical(tmp_path: Path) -> None:
+    """Decoding with several OpenJPEG threads gives the same samples, at every reduction."""
+    img = (np.random.default_rng(9).random((300, 420)) * 4095).astype(np.uint16)
+    path = tmp_path / "t.j2k"
+    openjpeg.encode(img, path, precision=12, signed=False, colour_transform=False, params=EncodeParams(precinct=64))
+    data = path.read_bytes()
+    for reduce in (0, 1, 2):
+        np.testing.assert_array_equal(openjpeg.decode(data, reduce=reduce, threads=2),
+                                      openjpeg.decode(data, reduce=reduce))
