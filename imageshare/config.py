@@ -18,6 +18,7 @@ from typing import Callable, TypeVar
 import attrs
 
 from imageshare.endpoints import EndpointError, parse_dicom_endpoint
+from imageshare.xds.affinity import AffinityDomain, AffinityDomainError, Code, is_oid
 
 T = TypeVar("T")
 
@@ -97,6 +98,46 @@ class WadoConfig:
 
 
 @attrs.frozen
+class XdsConfig:
+    """``[xds]``: where and how study manifests are registered (ITI-41/RAD-68)."""
+
+    enabled: bool
+    repository_url: str  # resolved: "embedded" is <public_url>/xds/repository
+    embedded: bool
+    timeout: float
+    retry_initial: float
+    retry_max: float
+    max_attempts: int
+    ca_file: Path | None
+    client_cert: Path | None
+    client_key: Path | None
+    # Affinity Domain; empty values take the standalone defaults (AffinityDomain.standalone).
+    patient_authority: str
+    source_id: str
+    repository_unique_id: str
+    issuer_authorities: tuple[tuple[str, str], ...]
+    unmapped_issuers: str
+    codes: tuple[tuple[str, Code], ...]  # AffinityDomain attribute -> configured code
+
+    def domain(self, location_uid: str) -> AffinityDomain:
+        """
+        The Affinity Domain of the manifests whose Retrieve Location UID is ``location_uid``.
+
+        Raises
+        ------
+        AffinityDomainError
+            A value is not valid for the domain.
+        """
+        overrides: dict[str, object] = dict(self.codes)
+        for name in ("patient_authority", "source_id", "repository_unique_id"):
+            if getattr(self, name):
+                overrides[name] = getattr(self, name)
+        overrides["issuer_authorities"] = self.issuer_authorities
+        overrides["unmapped_issuers"] = self.unmapped_issuers
+        return AffinityDomain.standalone(location_uid, **overrides)
+
+
+@attrs.frozen
 class DicomDestination:
     """A C-MOVE destination: where the AE title named in a C-MOVE request is reached."""
 
@@ -119,6 +160,7 @@ class Config:
     manifest: ManifestConfig
     wado: WadoConfig
     dicom_destinations: tuple[DicomDestination, ...]
+    xds: XdsConfig
 
 
 # -- value parsers: each raises ValueError with a message fit for an operator ---------------
@@ -217,6 +259,7 @@ class _Reader:
     def __init__(self, parser: configparser.ConfigParser, base: Path) -> None:
         self._parser = parser
         self._base = base
+        self.base = base
         self.used: set[tuple[str, str]] = set()
 
     def get(self, section: str, key: str, default: str, parse: Callable[[str], T]) -> T:
@@ -270,6 +313,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             raise ConfigError("-", "-", f"{file} is not a valid INI file: {e}") from None
         base = file.resolve().parent
     r = _Reader(parser, base)
+    public_url = r.get("http", "public_url", "http://127.0.0.1:8080", _public_url)
 
     config = Config(
         path=Path(path).resolve() if path is not None else None,
@@ -286,7 +330,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         ),
         http=HttpConfig(
             listen=r.get("http", "listen", "tcp:8080:interface=127.0.0.1", _http_endpoint),
-            public_url=r.get("http", "public_url", "http://127.0.0.1:8080", _public_url),
+            public_url=public_url,
             request_log=r.get("http", "request_log", "no", _bool),
         ),
         transcode=TranscodeConfig(
@@ -321,6 +365,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             decode_threads=r.get("wado", "decode_threads", "2", _int_range(1, 64)),
         ),
         dicom_destinations=_destinations(parser, r),
+        xds=_xds(r, public_url),
     )
     for section in parser.sections():
         for key in parser.options(section):
@@ -380,3 +425,115 @@ def _precinct(text: str) -> int:
     if value & (value - 1):
         raise ValueError(f"must be a power of two, got {value}")
     return value
+
+
+# -- [xds] ------------------------------------------------------------------------------------
+
+# Config key -> AffinityDomain attribute, for the codes written code^scheme^display.
+_XDS_CODES = (
+    ("class_code", "class_code"),
+    ("type_code", "type_code"),
+    ("practice_setting_code", "practice_setting_code"),
+    ("facility_type_code", "healthcare_facility_type_code"),
+    ("confidentiality_code", "confidentiality_code"),
+    ("content_type_code", "content_type_code"),
+)
+
+
+def _repository_url(text: str) -> str:
+    text = text.strip()
+    if text.lower() == "embedded":
+        return "embedded"
+    url = text.rstrip("/")
+    if not re.match(r"^https?://[^/\s?#]+(/[^\s#]*)?$", url):
+        raise ValueError(f"expected embedded or an absolute http(s) URL, got {text!r}")
+    return url
+
+
+def _optional_oid(text: str) -> str:
+    text = text.strip()
+    if text and not is_oid(text):
+        raise ValueError(f"expected an OID (digits and dots), got {text!r}")
+    return text
+
+
+def _code(text: str) -> Code | None:
+    text = text.strip()
+    if not text:
+        return None
+    parts = [p.strip() for p in text.split("^")]
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"expected code^scheme^display, got {text!r}")
+    return Code(*parts)
+
+
+def _issuer_authorities(text: str) -> tuple[tuple[str, str], ...]:
+    """``ISSUER=OID`` pairs, separated by commas or new lines."""
+    out = []
+    for item in (i.strip() for i in re.split(r"[,\n]", text)):
+        if not item:
+            continue
+        issuer, sep, oid = (p.strip() for p in item.rpartition("="))
+        if not sep or not issuer or not is_oid(oid):
+            raise ValueError(f"expected ISSUER=OID, got {item!r}")
+        out.append((issuer, oid))
+    return tuple(out)
+
+
+def _unmapped(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("domain", "reject"):
+        raise ValueError(f"expected domain or reject, got {text!r}")
+    return value
+
+
+def _xds(r: _Reader, public_url: str) -> XdsConfig:
+    def optional_file(key: str) -> Path | None:
+        def parse(text: str) -> Path | None:
+            if not text.strip():
+                return None
+            p = Path(os.path.expanduser(text.strip()))
+            p = p if p.is_absolute() else (r.base / p)
+            if not p.is_file():
+                raise ValueError(f"no such file: {p}")
+            return p
+
+        return r.get("xds", key, "", parse)
+
+    repository = r.get("xds", "repository_url", "embedded", _repository_url)
+    codes = []
+    for key, attribute in _XDS_CODES:
+        try:
+            code = r.get("xds", key, "", _code)
+        except AffinityDomainError as e:
+            raise ConfigError("xds", key, str(e)) from None
+        if code is not None:
+            codes.append((attribute, code))
+    retry_initial = r.get("xds", "retry_initial", "5", _seconds)
+    config = XdsConfig(
+        enabled=r.get("xds", "enabled", "yes", _bool),
+        repository_url=f"{public_url}/xds/repository" if repository == "embedded" else repository,
+        embedded=repository == "embedded",
+        timeout=r.get("xds", "timeout", "30", _seconds),
+        retry_initial=retry_initial,
+        retry_max=r.get("xds", "retry_max", "600", _seconds),
+        max_attempts=r.get("xds", "max_attempts", "20", _int_range(1, 1000)),
+        ca_file=optional_file("ca_file"),
+        client_cert=optional_file("client_cert"),
+        client_key=optional_file("client_key"),
+        patient_authority=r.get("xds", "patient_authority", "", _optional_oid),
+        source_id=r.get("xds", "source_id", "", _optional_oid),
+        repository_unique_id=r.get("xds", "repository_unique_id", "", _optional_oid),
+        issuer_authorities=r.get("xds", "issuer_authorities", "", _issuer_authorities),
+        unmapped_issuers=r.get("xds", "unmapped_issuers", "domain", _unmapped),
+        codes=tuple(codes),
+    )
+    if config.retry_max < config.retry_initial:
+        raise ConfigError("xds", "retry_max", "must not be less than retry_initial")
+    if config.client_key is not None and config.client_cert is None:
+        raise ConfigError("xds", "client_key", "needs client_cert")
+    try:
+        config.domain("1.2.3")  # any valid OID: checks the configured values together
+    except AffinityDomainError as e:
+        raise ConfigError("xds", "-", str(e)) from None
+    return config

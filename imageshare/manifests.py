@@ -151,6 +151,9 @@ class ManifestService(Service):
         ``[manifest] retrieve_location_uid``; empty: generated once per data directory.
     on_stored
         Called on the reactor with every stored manifest (the transcoder classifies it).
+    on_built
+        Called on the reactor with every manifest made current, after ``on_stored``
+        (the XDS submitter registers it; ``replaces`` names the superseded manifest).
     """
 
     log = Logger(namespace="imageshare.manifests")
@@ -166,6 +169,7 @@ class ManifestService(Service):
         location_uid: str = "",
         enabled: bool = True,
         on_stored: Callable[[Stored], Any] | None = None,
+        on_built: Callable[[Built], Any] | None = None,
         batch: int = 1000,
     ) -> None:
         self.setName("manifests")
@@ -178,6 +182,7 @@ class ManifestService(Service):
         self._location: str | None = None
         self._enabled = enabled
         self._on_stored = on_stored
+        self._on_built = on_built
         self._batch = batch
         self.interval = min(stable_after / 2, 10.0)
         # study -> (last receive time as the catalog reported it, when we first saw it)
@@ -269,6 +274,8 @@ class ManifestService(Service):
         )
         if self._on_stored is not None:
             self._on_stored(result.stored)
+        if self._on_built is not None:
+            self._on_built(result)
         return True
 
     async def _sweep(self) -> None:

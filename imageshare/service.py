@@ -24,6 +24,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 
 from imageshare import __version__
 from imageshare.config import Config
@@ -47,7 +48,12 @@ from imageshare.web.root import QuietSite, RootResource
 from imageshare.web.status import StatusResource
 from imageshare.wado.cache import ResponseCache
 from imageshare.web.wado import WadoResource, WadoRetriever
+from imageshare.web.rad69 import Rad69Handler, Rad69Resource, Rad69Retriever
+from imageshare.web.xds import RepositoryUid, SoapResource, XdsEndpoint, domain_authorities
 from imageshare.workers import ProcessPoolService, WorkerPoolService
+from imageshare.xds.outbox import Outbox, State as XdsState
+from imageshare.xds.store import XdsStore
+from imageshare.xds.submitter import RequestBuilder, SubmitterService, make_http_client
 
 
 class ListenerService(Service):
@@ -159,6 +165,18 @@ class ImageShareService(MultiService):
             give_up=functools.partial(mark_failed, self.catalog),
             on_done=lambda uid: self.jpip.forget(uid),
         )
+        # Manifest registration (ITI-41/RAD-68) from a durable outbox of its own.
+        self.xds_outbox = Outbox(data_dir / "xds-outbox.sqlite3")
+        self.xds: SubmitterService | None = None
+        if config.xds.enabled:
+            self.xds = SubmitterService(
+                self.xds_outbox,
+                RequestBuilder(self.xds_outbox, self.archive.root, self.catalog, config.xds),
+                self.db_pool,
+                make_http_client(reactor, config.xds),
+                reactor,
+                config.xds,
+            )
         mc = config.manifest
         self.manifests = ManifestService(
             ManifestBuilder(
@@ -175,6 +193,7 @@ class ImageShareService(MultiService):
             location_uid=mc.retrieve_location_uid,
             enabled=mc.enabled,
             on_stored=self._stored,
+            on_built=self.xds.manifest_built if self.xds is not None else None,
         )
 
         jc = config.jpip
@@ -203,6 +222,22 @@ class ImageShareService(MultiService):
         wado = WadoRetriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
                              cache=self.wado_cache, decode_threads=config.wado.decode_threads)
         root.putChild(b"wado", WadoResource(wado, self.wado_pool))
+        self.xds_root = Resource()
+        root.putChild(b"xds", self.xds_root)
+        # The embedded XDS.b repository and registry; its uniqueId is the manifests' Retrieve Location UID.
+        self.xds_store = XdsStore(data_dir / "xds.sqlite3")
+        location = RepositoryUid(self.catalog, mc.retrieve_location_uid)
+        xds_endpoint = XdsEndpoint(
+            self.xds_store,
+            RepositoryUid(self.catalog, config.xds.repository_unique_id or mc.retrieve_location_uid),
+            patient_authorities=domain_authorities(config.xds, location),
+        )
+        self.xds_root.putChild(b"repository", SoapResource(xds_endpoint.repository, self.db_pool))
+        self.xds_root.putChild(b"registry", SoapResource(xds_endpoint.registry, self.db_pool))
+        # RAD-69 reads and converts instances as WADO does: on the WADO pool.
+        rad69_retriever = Rad69Retriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
+                                         repository_uid=mc.retrieve_location_uid)
+        self.xds_root.putChild(b"imaging-source", Rad69Resource(Rad69Handler(rad69_retriever), self.wado_pool))
         root.putChild(
             b"status",
             StatusResource(
@@ -210,13 +245,15 @@ class ImageShareService(MultiService):
                 self.db_pool,
                 started=self.started_at,
                 now=reactor.seconds,
-                extra=lambda: {"transcode_queue": self.transcoder.queued, "manifests": self.manifests.count},
+                extra=lambda: {"transcode_queue": self.transcoder.queued, "manifests": self.manifests.count,
+                               **self._xds_counts()},
             ),
         )
         self.root = root
         site = QuietSite(root, request_log=config.http.request_log, next_arrival=self.jpip.next_arrival)
         site.observers.append(jpip_resource.observe)
-        self.http = ListenerService(serverFromString(reactor, config.http.listen), site, config.http.public_url)
+        self.http = ListenerService(serverFromString(reactor, config.http.listen), site, config.http.public_url,
+                                    on_listening=self._http_listening)
         self.jpip_tcp: ListenerService | None = None
         if jc.tcp_listen:
             self.jpip_tcp = ListenerService(
@@ -247,8 +284,23 @@ class ImageShareService(MultiService):
         # Nothing is served before the reactor runs, by when everything has started.
         listeners = [self.http] + ([self.jpip_tcp] if self.jpip_tcp is not None else []) + [self.dicom]
         for child in (*listeners, self.db_pool, self.wado_pool, self.transcode_pool, self.transcoder,
-                      self.jpip_sweeper, self.manifests):
+                      self.jpip_sweeper, self.manifests, *([self.xds] if self.xds is not None else [])):
             child.setServiceParent(self)
+
+    def _xds_counts(self) -> dict[str, int]:
+        # The submitter's counts as of its last change: /status stays off the database.
+        counts = self.xds.counts if self.xds is not None else {state: 0 for state in XdsState}
+        return {"xds_pending": counts[XdsState.PENDING], "xds_failed": counts[XdsState.FAILED],
+                "xds_registered": counts[XdsState.REGISTERED]}
+
+    def _http_listening(self, port: IListeningPort) -> None:
+        # The embedded repository is this process: reach it where HTTP really listens.
+        # Over TLS the certificate names the public host, so the public URL is kept.
+        if self.xds is not None and self.config.xds.embedded and self.config.http.listen.startswith("tcp"):
+            address = port.getHost()
+            host = getattr(address, "host", "127.0.0.1")
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+            self.xds.post_url = f"http://{host}:{address.port}/xds/repository"
 
     def _aux_listening(self, port: IListeningPort) -> None:
         # Announced in JPIP-cnew; http-tcp is granted only from now on.
@@ -286,8 +338,8 @@ class ImageShareService(MultiService):
         self.stopping.set()
         self.jpip.aux_port = None
         self.jpip_aux.close_all()
-        children = (self.dicom, self.http, self.jpip_tcp, self.jpip_sweeper, self.manifests, self.transcoder,
-                    self.transcode_pool, self.wado_pool, self.db_pool)
+        children = (self.dicom, self.http, self.jpip_tcp, self.jpip_sweeper, self.manifests, self.xds,
+                    self.transcoder, self.transcode_pool, self.wado_pool, self.db_pool)
         for child in children:
             if child is not None and child.running:
                 try:
@@ -295,6 +347,8 @@ class ImageShareService(MultiService):
                 except Exception:
                     self.log.failure("stopping {name} failed", name=child.name)
         self.bridge.stop()
+        self.xds_outbox.close()
+        self.xds_store.close()
         self.catalog.close()
         self.log.info("ImageShare stopped")
 

@@ -1,0 +1,327 @@
+"""``/xds/imaging-source``: RAD-69 Retrieve Imaging Document Set over SOAP 1.2 and MTOM.
+
+:class:`Rad69Retriever` finds and produces the instances (blocking: catalog, files,
+decoding); :class:`Rad69Handler` turns one HTTP body into one HTTP answer (transport checks,
+SOAP faults, the RegistryResponse), also blocking; :class:`Rad69Resource` is the thin
+Twisted adapter that runs the handler on a worker pool.
+
+Transport problems are SOAP 1.2 faults (``../shared/docs/xds-i.md`` section 1): a body that
+is not XML, refused by :mod:`imageshare.xds.safexml` (DOCTYPE, XXE, too deep...), a broken
+MTOM package or a wrong media type -> ``Sender`` (400); a SOAP 1.1 envelope ->
+``VersionMismatch`` (500); another action -> ``Sender`` with ``wsa:ActionNotSupported``;
+a body over the limit -> 413 with a ``Sender`` fault. Everything about the documents is in
+the RegistryResponse of a normal (200) MTOM answer.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import attrs
+from pydicom.uid import generate_uid
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from imageshare.dicom import derived
+from imageshare.interfaces import ICatalog
+from imageshare.manifests import LOCATION_UID_SETTING
+from imageshare.store.archive import Archive
+from imageshare.store.records import InstanceRow, State
+from imageshare.workers import WorkerPoolService
+from imageshare.xds import mtom, rad69, safexml, soap
+from imageshare.xds.responses import XDS_DOCUMENT_UNIQUE_ID_ERROR, XDS_REPOSITORY_ERROR, XDS_UNKNOWN_REPOSITORY_ID
+
+__all__ = ["Answer", "Rad69Retriever", "Rad69Handler", "Rad69Resource", "DEFAULT_MAX_BODY"]
+
+log = Logger(namespace="imageshare.xds.rad69")
+
+#: Largest request body accepted: a RAD-69 request is a list of UIDs, never large.
+DEFAULT_MAX_BODY = 1024 * 1024
+# Tries when an instance is replaced (re-received, transcoded) while it is being read.
+_ATTEMPTS = 3
+_FAULT_TYPE = soap.SOAP12_CONTENT_TYPE
+_SOAP11_TYPES = ("text/xml", "application/xml")
+
+
+@attrs.frozen
+class Answer:
+    """An HTTP answer: status, Content-Type and body."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
+def _fault_answer(fault: soap.SoapFault, *, status: int | None = None, relates_to: str | None = None) -> Answer:
+    return Answer(status or fault.http_status, _FAULT_TYPE, fault.to_bytes(relates_to=relates_to))
+
+
+class Rad69Retriever:
+    """Finds each requested instance and produces it in the first acceptable syntax.
+
+    Blocking: call it on a worker pool.
+
+    Parameters
+    ----------
+    catalog
+        Where instances are found.
+    archive
+        Where their archived Part 10 files are.
+    data_dir
+        Root of the frames' codestream paths.
+    public_url
+        Base of the Pixel Data Provider URL of JPIP Referenced objects.
+    repository_uid
+        ``[manifest] retrieve_location_uid``; empty: the one generated once per data
+        directory and kept in the catalog (what our manifests carry).
+    """
+
+    def __init__(self, catalog: ICatalog, archive: Archive, data_dir: Path, *, public_url: str,
+                 repository_uid: str = "") -> None:
+        self._catalog = catalog
+        self._archive = archive
+        self._data_dir = data_dir
+        self._public_url = public_url
+        self._configured = repository_uid
+        self._repository_uid: str | None = None
+        self._lock = threading.Lock()
+
+    def repository_uid(self) -> str:
+        """Our RepositoryUniqueId: the Retrieve Location UID of our manifests."""
+        with self._lock:
+            if self._repository_uid is None:
+                self._repository_uid = self._configured or self._catalog.ensure_setting(
+                    LOCATION_UID_SETTING, generate_uid(prefix=None)
+                )
+            return self._repository_uid
+
+    def __call__(self, request: rad69.RetrieveRequest) -> list[rad69.Outcome]:
+        ours = self.repository_uid()
+        return [self._one(document, request.transfer_syntaxes, ours) for document in request.documents]
+
+    def _one(self, document: rad69.DocumentRequest, syntaxes: tuple[str, ...], ours: str) -> rad69.Outcome:
+        if document.repository_unique_id != ours:
+            return rad69.Refused(document, XDS_UNKNOWN_REPOSITORY_ID,
+                                 f"repository {document.repository_unique_id} is not this Imaging Document Source")
+        for _ in range(_ATTEMPTS):
+            row = self._catalog.get_instance(document.document_unique_id)
+            if row is None or (row.study_instance_uid, row.series_instance_uid) != (
+                document.study_instance_uid, document.series_instance_uid
+            ):
+                return rad69.Refused(document, XDS_DOCUMENT_UNIQUE_ID_ERROR,
+                                     "no such instance in the requested study and series")
+            try:
+                produced = self._produce(row, syntaxes)
+            except FileNotFoundError:
+                continue  # replaced meanwhile: the files read are gone, read the new ones
+            if self._catalog.get_instance(row.sop_instance_uid) != row:
+                continue
+            if produced is None:
+                offered = "the archived syntax and Explicit VR Little Endian"
+                if row.state is State.STREAMABLE:
+                    offered += ", JPEG 2000 lossless and JPIP Referenced"
+                return rad69.Refused(document, XDS_REPOSITORY_ERROR,
+                                     f"DICOM transfer syntax not supported: none of the requested transfer "
+                                     f"syntaxes can be produced for this instance (offered: {offered})")
+            syntax, data = produced
+            return rad69.Retrieved(document, syntax, data)
+        return rad69.Refused(document, XDS_REPOSITORY_ERROR, "the instance changed while it was read; try again")
+
+    def _produce(self, row: InstanceRow, syntaxes: tuple[str, ...]) -> tuple[str, bytes] | None:
+        wanted = rad69.candidates(syntaxes, streamable=row.state is State.STREAMABLE,
+                                  original=row.transfer_syntax_uid)
+        if not wanted:
+            return None
+        data = self._archive.path(row.path).read_bytes()
+        original = None
+        for syntax in wanted:
+            if syntax == row.transfer_syntax_uid:
+                return syntax, data  # the archived object, byte for byte
+            if original is None:
+                try:
+                    original = derived.read_part10(data)
+                except ValueError:  # InvalidDicomError is one too: only the original can go
+                    continue
+            try:
+                return syntax, self._derive(row, original, syntax)
+            except derived.DerivationError as e:
+                log.debug("{sop_instance_uid} cannot be produced in {syntax}: {reason}",
+                          sop_instance_uid=row.sop_instance_uid, syntax=syntax, reason=str(e))
+        return None
+
+    def _derive(self, row: InstanceRow, original: Any, syntax: str) -> bytes:
+        if syntax in (rad69.JPIP_REFERENCED, rad69.JPIP_REFERENCED_DEFLATE):
+            url = derived.jpip_url(self._public_url, row.sop_instance_uid)
+            ds = derived.jpip_referenced(original, self._catalog.frames(row.sop_instance_uid), url)
+        elif syntax == rad69.JPEG2000_LOSSLESS:
+            codestreams = [(self._data_dir / f.codestream_path).read_bytes()
+                           for f in self._catalog.frames(row.sop_instance_uid)]
+            ds = derived.jpeg2000_lossless(original, codestreams)
+        else:
+            ds = derived.native(original)
+        return derived.encode(ds, syntax)
+
+
+class Rad69Handler:
+    """One HTTP request body in, one HTTP answer out. Blocking: call it on a worker pool.
+
+    Parameters
+    ----------
+    retriever
+        ``retriever(RetrieveRequest) -> list[Outcome]`` (a :class:`Rad69Retriever`).
+    max_body
+        Largest request body, in bytes.
+    max_documents
+        Most DocumentRequests in one request.
+    """
+
+    def __init__(self, retriever: Any, *, max_body: int = DEFAULT_MAX_BODY, max_documents: int = 1000) -> None:
+        self._retriever = retriever
+        self.max_body = max_body
+        self._max_documents = max_documents
+
+    def __call__(self, content_type: str | None, body: bytes) -> Answer:
+        try:
+            envelope = self._envelope(content_type, body)
+        except soap.SoapFault as fault:
+            log.info("RAD-69 request refused: {code} {reason}", code=fault.code, reason=fault.reason)
+            return _fault_answer(fault)
+        if envelope.action not in soap.RAD69_ACTIONS:
+            fault = soap.SoapFault("Sender", f"action {envelope.action!r} is not supported at this endpoint "
+                                             f"(expected {soap.RAD69})",
+                                   subcode=f"{{{soap.WSA_NS}}}ActionNotSupported")
+            log.info("RAD-69 request refused: {code} {reason}", code=fault.code, reason=fault.reason)
+            return _fault_answer(fault, relates_to=envelope.message_id)
+        if envelope.body.tag != rad69.REQUEST_TAG:
+            fault = soap.SoapFault("Sender", "the SOAP Body does not hold a RetrieveImagingDocumentSetRequest")
+            return _fault_answer(fault, relates_to=envelope.message_id)
+        try:
+            request = rad69.parse_request(envelope.body, max_documents=self._max_documents)
+        except rad69.RequestError as e:
+            log.info("RAD-69 request error: {reason}", reason=str(e))
+            payload, attachments = rad69.build_response([], request_error=str(e))
+        else:
+            outcomes = self._retriever(request)
+            payload, attachments = rad69.build_response(outcomes)
+            log.info("RAD-69: {found} of {requested} document(s) returned",
+                     found=len(attachments), requested=len(outcomes))
+        xml = soap.build_response(soap.RAD69_RESPONSE, envelope.message_id, payload)
+        media, packaged = mtom.build(xml, attachments)
+        return Answer(200, media, packaged)
+
+    def _envelope(self, content_type: str | None, body: bytes) -> soap.Envelope:
+        """The checked envelope of the request, or the SoapFault to answer."""
+        if len(body) > self.max_body:
+            raise soap.SoapFault("Sender", f"the request body exceeds {self.max_body} bytes")
+        if not content_type:
+            raise soap.SoapFault("Sender", "the request has no Content-Type")
+        media = content_type.split(";", 1)[0].strip().lower()
+        try:
+            if media in _SOAP11_TYPES:
+                # A SOAP 1.1 client: say VersionMismatch if it is a 1.1 envelope indeed.
+                root = safexml.parse(body, max_bytes=self.max_body)
+                soap.parse_envelope(root, request=True)
+                raise soap.SoapFault("Sender", f"SOAP 1.2 is sent as application/soap+xml or MTOM, not {media}")
+            xml, _attachments = mtom.parse(content_type, body, max_bytes=self.max_body)
+            root = safexml.parse(xml, max_bytes=self.max_body)
+        except safexml.UnsafeXml as e:
+            raise soap.SoapFault("Sender", f"XML refused ({e.reason}): {e}") from None
+        except mtom.MtomError as e:
+            raise soap.SoapFault("Sender", f"bad MTOM/XOP package: {e}") from None
+        return soap.parse_envelope(root, request=True)
+
+
+class Rad69Resource(Resource):
+    """``/xds/imaging-source``: POST only; the handler runs on ``pool``.
+
+    Parameters
+    ----------
+    handler
+        ``handler(content_type, body) -> Answer``, blocking (a :class:`Rad69Handler`); its
+        ``max_body`` attribute, if any, bounds the request body (413 beyond).
+    pool
+        Where it runs.
+    max_waiting
+        Requests queued for the pool beyond which new ones get 503 at once.
+    """
+
+    isLeaf = True
+
+    def __init__(self, handler: Any, pool: WorkerPoolService, *, max_waiting: int = 32) -> None:
+        super().__init__()
+        self._handler = handler
+        self._pool = pool
+        self._max_body = int(getattr(handler, "max_body", DEFAULT_MAX_BODY))
+        self._max_waiting = max_waiting
+        self._waiting = 0
+
+    def render(self, request: Request) -> int | bytes:
+        if request.postpath and request.postpath != [b""]:
+            return self._plain(request, 404, "RAD-69 is served at /xds/imaging-source only")
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            return self._plain(request, 405, "RAD-69 is a SOAP 1.2 POST")
+        return super().render(request)  # type: ignore[no-any-return]
+
+    def render_POST(self, request: Request) -> int | bytes:
+        body = self._body(request)
+        if body is None:
+            fault = soap.SoapFault("Sender", f"the request body exceeds {self._max_body} bytes")
+            log.info("RAD-69 request refused: body over {limit} bytes", limit=self._max_body)
+            return self._send(request, _fault_answer(fault, status=413))
+        if self._waiting >= self._max_waiting:
+            request.setHeader(b"retry-after", b"1")
+            fault = soap.SoapFault("Receiver", "too many RAD-69 requests are waiting; try again")
+            return self._send(request, _fault_answer(fault, status=503))
+        header = request.getHeader(b"content-type")
+        content_type = header.decode("latin-1") if header is not None else None
+        self._waiting += 1
+        d = self._pool.run(self._handler, content_type, body)
+        finished: list[Any] = []
+        request.notifyFinish().addBoth(finished.append)
+
+        def done(result: Answer | Failure) -> None:
+            self._waiting -= 1
+            if finished:
+                return  # the client went away; the work could not be interrupted
+            if not isinstance(result, Answer):
+                log.failure("RAD-69 request failed", result)
+                result = _fault_answer(soap.SoapFault("Receiver", "internal error"))
+            request.write(self._send(request, result))
+            request.finish()
+
+        d.addBoth(done)
+        return NOT_DONE_YET
+
+    def _body(self, request: Request) -> bytes | None:
+        """The body, or ``None`` if it is over the limit (announced or actual)."""
+        length = request.getHeader(b"content-length")
+        if length is not None and length.strip().isdigit() and int(length) > self._max_body:
+            return None
+        content = request.content
+        if content is None:
+            return b""
+        content.seek(0)
+        data: bytes = content.read(self._max_body + 1)
+        return None if len(data) > self._max_body else data
+
+    @staticmethod
+    def _send(request: Request, answer: Answer) -> bytes:
+        request.setResponseCode(answer.status)
+        request.setHeader(b"content-type", answer.content_type.encode("ascii"))
+        request.setHeader(b"content-length", str(len(answer.body)).encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return answer.body
+
+    @staticmethod
+    def _plain(request: Request, status: int, reason: str) -> bytes:
+        log.info("RAD-69 request refused: {status} {reason}", status=status, reason=reason)
+        body = reason.encode("ascii") + b"\n"
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"content-length", str(len(body)).encode("ascii"))
+        return body

@@ -1,0 +1,347 @@
+"""
+``/xds/repository`` (ITI-41, ITI-43) and ``/xds/registry`` (ITI-42, ITI-18): the embedded
+XDS.b Document Repository and Document Registry.
+
+:class:`XdsEndpoint` is the blocking core (parse, check, store, answer); it runs on a
+worker pool. :class:`SoapResource` is the thin Twisted adapter: it bounds the body, hands
+it to the pool and writes the answer.
+
+Errors are answered at the level they belong to (``../shared/docs/xds-i.md`` sections 1, 7,
+8): what breaks the transport (not MTOM where MTOM is required, malformed or hostile XML,
+SOAP 1.1, an action this endpoint does not serve) is a SOAP 1.2 fault; what is wrong in
+the metadata is a ``RegistryResponse`` with status Failure and the XDS error codes.
+
+A submission sent again (its answer was lost) is not registered twice: it gets Failure with
+``XDSDuplicateUniqueIdInRegistry`` only, which is what a standard registry answers (ITI TF-3
+4.2.4) and what the outbox reads as "already registered".
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any, Callable
+
+import attrs
+from lxml import etree
+from pydicom.uid import generate_uid
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from imageshare.manifests import LOCATION_UID_SETTING
+from imageshare.xds import metadata as md
+from imageshare.xds import mtom, registry, safexml, soap
+from imageshare.xds.responses import RegistryError, Severity, Status, registry_response
+from imageshare.xds.store import XdsStore
+from imageshare.workers import WorkerPoolService
+
+__all__ = ["Answer", "RepositoryUid", "SoapResource", "XdsEndpoint", "DEFAULT_MAX_BODY", "domain_authorities"]
+
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+_FAULT_TYPE = soap.SOAP12_CONTENT_TYPE
+_ACTION_NOT_SUPPORTED = f"{{{soap.WSA_NS}}}ActionNotSupported"
+
+
+@attrs.frozen
+class Answer:
+    """An HTTP answer: status, Content-Type and body."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
+class RepositoryUid:
+    """
+    The embedded repository's uniqueId: the manifests' Retrieve Location UID.
+
+    Configured, or the one generated once per data directory and kept in the catalog
+    setting the manifest service uses (whoever asks first creates it). Blocking on first
+    call: call it on the pool.
+    """
+
+    def __init__(self, catalog: Any, configured: str = "") -> None:
+        self._catalog = catalog
+        self._value = configured or None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._value is None:
+                self._value = str(self._catalog.ensure_setting(LOCATION_UID_SETTING, generate_uid(prefix=None)))
+            return self._value
+
+
+def domain_authorities(xds_config: Any, location_uid: Callable[[], str]) -> Callable[[], frozenset[str]]:
+    """
+    The patient ID assigning authorities the embedded registry knows: the configured Affinity
+    Domain's (``[xds] patient_authority`` or its standalone default, and the OIDs issuers are
+    mapped to). There is no Patient Identity Feed here: any patient of these is "known".
+    Blocking the first time (the Retrieve Location UID may come from the catalog).
+    """
+    cached: list[frozenset[str]] = []
+
+    def authorities() -> frozenset[str]:
+        if not cached:
+            domain = xds_config.domain(location_uid())
+            cached.append(frozenset({domain.patient_authority, *(oid for _issuer, oid in domain.issuer_authorities)}))
+        return cached[0]
+
+    return authorities
+
+
+def _fault(fault: soap.SoapFault, relates_to: str | None = None) -> Answer:
+    return Answer(fault.http_status, _FAULT_TYPE, fault.to_bytes(relates_to=relates_to))
+
+
+def _text(element: etree._Element, tag: str) -> str:
+    found = element.find(f"{{{md.XDS}}}{tag}")
+    return (found.text or "").strip() if found is not None else ""
+
+
+class XdsEndpoint:
+    """
+    The repository and the registry, as blocking request handlers.
+
+    Parameters
+    ----------
+    store
+        Where documents and registry objects are kept.
+    repository_uid
+        Returns this repository's uniqueId (may block the first time).
+    patient_authorities
+        Returns the assigning authorities of the patient IDs the registry accepts (``None``:
+        any ``ID^^^&OID&ISO``); may block.
+    """
+
+    log = Logger(namespace="imageshare.xds")
+
+    def __init__(
+        self,
+        store: XdsStore,
+        repository_uid: Callable[[], str],
+        *,
+        patient_authorities: Callable[[], frozenset[str] | None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._repository_uid = repository_uid
+        self._authorities = patient_authorities
+
+    # ------------------------------------------------------------------ envelope
+
+    def _receive(self, content_type: str, body: bytes) -> tuple[soap.Envelope, mtom.Attachments, bool]:
+        is_mtom = mtom.is_mtom(content_type)
+        if is_mtom:
+            try:
+                xml, attachments = mtom.parse(content_type, body, max_bytes=DEFAULT_MAX_BODY)
+            except mtom.MtomError as e:
+                raise soap.SoapFault("Sender", f"malformed MTOM/XOP package: {e}") from None
+        else:
+            xml, attachments = body, {}
+        try:
+            root = safexml.parse(xml, max_bytes=DEFAULT_MAX_BODY)
+        except safexml.UnsafeXml as e:
+            raise soap.SoapFault("Sender", f"XML refused ({e.reason}): {e}") from None
+        return soap.parse_envelope(root, request=True), attachments, is_mtom
+
+    def _dispatch(self, content_type: str, body: bytes, handlers: dict[str, Callable[..., Answer]]) -> Answer:
+        try:
+            envelope, attachments, is_mtom = self._receive(content_type, body)
+        except soap.SoapFault as fault:
+            self.log.info("SOAP fault {code}: {reason}", code=fault.code, reason=fault.reason)
+            return _fault(fault)
+        handler = handlers.get(envelope.action or "")
+        if handler is None:
+            fault = soap.SoapFault(
+                "Sender", f"action {envelope.action!r} is not served here", subcode=_ACTION_NOT_SUPPORTED
+            )
+            self.log.info("SOAP fault: action {action} not served here", action=envelope.action)
+            return _fault(fault, envelope.message_id)
+        try:
+            return handler(envelope, attachments, is_mtom)
+        except soap.SoapFault as fault:
+            self.log.info("SOAP fault {code}: {reason}", code=fault.code, reason=fault.reason)
+            return _fault(fault, envelope.message_id)
+
+    @staticmethod
+    def _expect(envelope: soap.Envelope, tag: str, *, mtom_required: bool = False, is_mtom: bool = True) -> None:
+        if mtom_required and not is_mtom:
+            raise soap.SoapFault("Sender", "this transaction must be sent as an MTOM/XOP package")
+        if envelope.body.tag != tag:
+            raise soap.SoapFault(
+                "Sender", f"the body {etree.QName(envelope.body).localname} does not match the action {envelope.action}"
+            )
+
+    # ------------------------------------------------------------------ repository
+
+    def repository(self, content_type: str, body: bytes) -> Answer:
+        """Answer a POST to ``/xds/repository`` (ITI-41 or ITI-43)."""
+        return self._dispatch(content_type, body, {soap.ITI41: self._provide, soap.ITI43: self._retrieve})
+
+    def _provide(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool) -> Answer:
+        self._expect(envelope, f"{{{md.XDS}}}ProvideAndRegisterDocumentSetRequest", mtom_required=True, is_mtom=is_mtom)
+        uid = self._repository_uid()
+        try:
+            submit, documents = registry.provide(envelope.body, attachments, uid)
+            submission = registry.parse_submission(submit, patient_authorities=self._authorities())
+            errors = self._store.provide_and_register(documents, uid, submission)
+        except registry.SubmissionRejected as rejected:
+            errors = list(rejected.errors)
+        if errors:
+            response = registry_response(Status.FAILURE, errors)
+            self.log.info("ITI-41 refused: {codes}", codes=", ".join(e.code for e in errors))
+        else:
+            response = registry_response(Status.SUCCESS)
+            self.log.info("ITI-41: {count} document(s) stored and registered", count=len(documents))
+        envelope_bytes = soap.build_response(soap.ITI41_RESPONSE, envelope.message_id, response)
+        content_type, packaged = mtom.build(envelope_bytes, {})
+        return Answer(200, content_type, packaged)
+
+    def _retrieve(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool) -> Answer:
+        self._expect(envelope, f"{{{md.XDS}}}RetrieveDocumentSetRequest", mtom_required=True, is_mtom=is_mtom)
+        uid = self._repository_uid()
+        errors: list[RegistryError] = []
+        found: list[tuple[etree._Element, str, bytes]] = []
+        requests = list(envelope.body.iterchildren(f"{{{md.XDS}}}DocumentRequest"))
+        if not requests:
+            errors.append(RegistryError("XDSRepositoryError", "no DocumentRequest"))
+        for request in requests:
+            repository, document = _text(request, "RepositoryUniqueId"), _text(request, "DocumentUniqueId")
+            if repository != uid:
+                errors.append(RegistryError("XDSUnknownRepositoryId", "unknown repositoryUniqueId", repository))
+                continue
+            stored = self._store.document(document)
+            if stored is None:
+                errors.append(RegistryError("XDSDocumentUniqueIdError", "no such document", document))
+                continue
+            found.append((request, stored[1], stored[2]))
+        status = Status.SUCCESS if not errors else Status.PARTIAL_SUCCESS if found else Status.FAILURE
+        response = etree.Element(f"{{{md.XDS}}}RetrieveDocumentSetResponse", nsmap={"xds": md.XDS})
+        response.append(registry_response(status, errors))
+        parts: mtom.Attachments = {}
+        for n, (request, mime_type, data) in enumerate(found):
+            item = etree.SubElement(response, f"{{{md.XDS}}}DocumentResponse")
+            for tag in ("HomeCommunityId", "RepositoryUniqueId", "DocumentUniqueId"):
+                value = _text(request, tag)
+                if value:
+                    etree.SubElement(item, f"{{{md.XDS}}}{tag}").text = value
+            etree.SubElement(item, f"{{{md.XDS}}}mimeType").text = mime_type
+            cid = f"doc{n}.{uuid.uuid4()}@imageshare"
+            mtom.include(etree.SubElement(item, f"{{{md.XDS}}}Document"), cid)
+            parts[cid] = (mime_type, data)
+        self.log.info("ITI-43: {returned} of {requested} document(s) returned", returned=len(found), requested=len(requests))
+        envelope_bytes = soap.build_response(soap.ITI43_RESPONSE, envelope.message_id, response)
+        content_type, packaged = mtom.build(envelope_bytes, parts)
+        return Answer(200, content_type, packaged)
+
+    # ------------------------------------------------------------------ registry
+
+    def registry(self, content_type: str, body: bytes) -> Answer:
+        """Answer a POST to ``/xds/registry`` (ITI-42 or ITI-18)."""
+        return self._dispatch(content_type, body, {soap.ITI42: self._register, soap.ITI18: self._query})
+
+    def _register(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool) -> Answer:
+        self._expect(envelope, f"{{{md.LCM}}}SubmitObjectsRequest")
+        try:
+            submission = registry.parse_submission(envelope.body, patient_authorities=self._authorities())
+            errors = self._store.register(submission)
+        except registry.SubmissionRejected as rejected:
+            errors = list(rejected.errors)
+        response = registry_response(Status.FAILURE, errors) if errors else registry_response(Status.SUCCESS)
+        self.log.info("ITI-42: {outcome}", outcome=", ".join(e.code for e in errors) or "registered")
+        return Answer(200, soap.SOAP12_CONTENT_TYPE, soap.build_response(soap.ITI42_RESPONSE, envelope.message_id, response))
+
+    def _query(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool) -> Answer:
+        self._expect(envelope, f"{{{registry.QUERY}}}AdhocQueryRequest")
+        try:
+            query = registry.parse_query(envelope.body)
+            response = registry.query_response(self._run(query), query.return_type)
+            self.log.info("ITI-18 {query_id}: {count} object(s)", query_id=query.query_id, count=len(response[0]))
+        except registry.QueryError as e:
+            response = registry.query_failure([RegistryError(e.code, e.context, "", Severity.ERROR)])
+            self.log.info("ITI-18 refused: {code}", code=e.code)
+        return Answer(200, soap.SOAP12_CONTENT_TYPE, soap.build_response(soap.ITI18_RESPONSE, envelope.message_id, response))
+
+    def _run(self, query: registry.StoredQuery) -> list[etree._Element]:
+        if query.query_id in (registry.FIND_DOCUMENTS, registry.FIND_DOCUMENTS_BY_REFERENCE_ID):
+            patient, statuses = registry.find_documents_filters(query)
+            rows = [(e, s) for e, s in self._store.find_entries(patient, statuses) if registry.entry_matches(e, query)]
+            return [registry.leaf_class(e.xml, s) for e, s in rows]
+        if query.query_id == registry.GET_DOCUMENTS:
+            uuids = query.values("$XDSDocumentEntryEntryUUID")
+            unique_ids = query.values("$XDSDocumentEntryUniqueId")
+            if bool(uuids) == bool(unique_ids):
+                raise registry.QueryError(
+                    "XDSStoredQueryParamNumber", "give $XDSDocumentEntryEntryUUID or $XDSDocumentEntryUniqueId"
+                )
+            rows = self._store.entries(uuids=uuids, unique_ids=unique_ids)
+            return [registry.leaf_class(e.xml, s) for e, s in rows]
+        uuids = query.values("$uuid")  # GetSubmissionSets
+        if not uuids:
+            raise registry.QueryError("XDSStoredQueryMissingParam", "$uuid is required")
+        sets, associations = self._store.submission_sets_of(uuids)
+        return [registry.leaf_class(xml, status) for xml, status in sets + associations]
+
+
+class SoapResource(Resource):
+    """
+    POST-only SOAP endpoint: the body (bounded) is answered by ``handler`` on ``pool``.
+
+    Parameters
+    ----------
+    handler
+        ``(content_type, body) -> Answer``; blocking.
+    pool
+        Where ``handler`` runs.
+    max_body
+        Larger bodies get HTTP 413.
+    """
+
+    isLeaf = True
+    log = Logger(namespace="imageshare.xds")
+
+    def __init__(self, handler: Callable[[str, bytes], Answer], pool: WorkerPoolService, *, max_body: int = DEFAULT_MAX_BODY) -> None:
+        super().__init__()
+        self._handler = handler
+        self._pool = pool
+        self._max_body = max_body
+
+    def render_POST(self, request: Request) -> int | bytes:
+        length = request.getHeader(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self._max_body):
+            request.setResponseCode(413, b"Request Entity Too Large")
+            request.setHeader(b"content-type", b"text/plain")
+            return b"request body exceeds the limit\n"
+        content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        finished: list[Any] = []
+        request.notifyFinish().addBoth(finished.append)
+        d = self._pool.run(self._handle, request.content, content_type)
+
+        def respond(answer: Answer) -> None:
+            if finished:
+                return
+            request.setResponseCode(answer.status)
+            request.setHeader(b"content-type", answer.content_type.encode("latin-1"))
+            request.write(answer.body)
+            request.finish()
+
+        def fail(failure: Any) -> None:
+            self.log.failure("XDS request failed", failure)
+            if finished:
+                return
+            fault = soap.SoapFault("Receiver", "internal error")
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", _FAULT_TYPE.encode())
+            request.write(fault.to_bytes())
+            request.finish()
+
+        d.addCallbacks(respond, fail)
+        return NOT_DONE_YET
+
+    def _handle(self, content: Any, content_type: str) -> Answer:
+        content.seek(0)
+        body = content.read(self._max_body + 1)
+        if len(body) > self._max_body:
+            return Answer(413, "text/plain", b"request body exceeds the limit\n")
+        return self._handler(content_type, body)
