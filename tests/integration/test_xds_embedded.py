@@ -9,12 +9,14 @@ import shutil
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import pytest_twisted
 from lxml import etree
@@ -25,7 +27,8 @@ from twisted.internet import task, threads
 from imageshare.dicom.manifest import KOS_SOP_CLASS, InstanceRef, StudySummary, build_manifest, encode_manifest
 from imageshare.web.xds import RepositoryUid
 from imageshare.xds import metadata as md
-from imageshare.xds import mtom, registry, safexml, soap
+from imageshare.jpip_cli import JpipClient
+from imageshare.xds import mtom, rad69, registry, safexml, soap
 from imageshare.xds.metadata import ManifestInfo, provide_and_register
 from imageshare.xds.responses import Status, classify, parse_registry_response
 from tests.helpers import make_instances, part10_file
@@ -269,9 +272,11 @@ async def test_hostile_bodies(start_server, tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is not installed")
 @pytest_twisted.ensureDeferred
 async def test_out_of_the_box_chain(start_server, tmp_path: Path) -> None:
-    """With the default [xds] repository_url = embedded: storescu sends a study, its manifest is built and
-    registered by the outbox into the embedded repository, FindDocuments finds it and ITI-43 returns the
-    archived KOS byte for byte."""
+    """The whole chain with the default [xds] repository_url = embedded: storescu sends a study,
+    its manifest is built and registered by the outbox into the embedded repository,
+    FindDocuments (ITI-18) finds it, ITI-43 returns the archived KOS byte for byte, RAD-69
+    returns the instances the KOS lists as JPIP-referenced headers, and JPIP at their Pixel
+    Data Provider URLs returns the exact pixels."""
     from twisted.internet import reactor
 
     # "embedded" means <public_url>/xds/repository: the public URL must name the real port.
@@ -310,6 +315,44 @@ async def test_out_of_the_box_chain(start_server, tmp_path: Path) -> None:
     assert dcmread(io.BytesIO(kos)).SOPInstanceUID == kos_uid
     archived = [p for p in server.data_dir.rglob("*") if p.is_file() and p.read_bytes() == kos]
     assert archived, "the retrieved KOS is not byte-identical to an archived file"
+
+    # The imaging document consumer's next step: RAD-69 for what the manifest lists.
+    manifest = dcmread(io.BytesIO(kos))
+    evidence = manifest.CurrentRequestedProcedureEvidenceSequence[0]
+    wanted = [
+        rad69.DocumentRequest(str(evidence.StudyInstanceUID), str(series.SeriesInstanceUID),
+                              str(series.RetrieveLocationUID), str(ref.ReferencedSOPInstanceUID))
+        for series in evidence.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence
+    ]
+    assert {d.document_unique_id for d in wanted} == {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    endpoint = f"{server.url}/xds/imaging-source"
+    envelope = soap.build_request(soap.RAD69, endpoint,
+                                  rad69.build_request(wanted, [rad69.JPIP_REFERENCED, "1.2.840.10008.1.2.1"]))
+    content_type, body = mtom.build(envelope, {})
+    assert validate_message(content_type, body, require_mtom=True) == []
+
+    def post_and_stream() -> dict[str, np.ndarray]:
+        request = urllib.request.Request(endpoint, data=body, headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            answer_type, answer = r.headers["Content-Type"], r.read()
+        assert validate_message(answer_type, answer, require_mtom=True) == []
+        xml, attachments = mtom.parse(answer_type, answer)
+        payload = soap.parse_envelope(safexml.parse(xml)).body
+        assert parse_registry_response(payload[0]).status is Status.SUCCESS
+        pixels = {}
+        for document in payload.findall(f"{{{md.XDS}}}DocumentResponse"):
+            header = dcmread(io.BytesIO(mtom.element_bytes(document.find(f"{{{md.XDS}}}Document"), attachments)))
+            assert header.file_meta.TransferSyntaxUID == rad69.JPIP_REFERENCED and "PixelData" not in header
+            url = urllib.parse.urlsplit(str(header[0x00287FE0].value))
+            client = JpipClient(f"{server.url}{url.path}?{url.query}", timeout=30)
+            client.fetch(fsiz=f"{header.Columns},{header.Rows}")
+            pixels[str(header.SOPInstanceUID)] = client.view()[0]
+        return pixels
+
+    streamed = await threads.deferToThread(post_and_stream)
+    for f in files:
+        original = dcmread(f)
+        np.testing.assert_array_equal(streamed[str(original.SOPInstanceUID)], original.pixel_array)
 
 
 @pytest_twisted.ensureDeferred
