@@ -318,3 +318,65 @@ async def test_repository_down_then_restart_mid_retry(start_server, repository, 
     assert sum(repo.resource.registered.values()) == 1
     status = await threads.deferToThread(get_status, again.url)
     assert (status["xds_registered"], status["xds_pending"]) == (1, 0)
+
+
+def tls_repository(tmp_path: Path) -> tuple[Any, ScriptedRepository, Any]:
+    """A repository over TLS that requires a client certificate signed by our test CA."""
+    from twisted.internet import reactor, ssl
+
+    from tests.integration.test_tls import make_cert
+
+    ca = make_cert(tmp_path, "ca", ca=True)
+    make_cert(tmp_path, "server", issuer=ca)
+    make_cert(tmp_path, "client", issuer=ca)
+    authority = ssl.Certificate.loadPEM((tmp_path / "ca.crt").read_bytes())
+    server_cert = ssl.PrivateCertificate.loadPEM((tmp_path / "server.crt").read_bytes()
+                                                 + (tmp_path / "server.key").read_bytes())
+    resource = ScriptedRepository([success])
+    # options(authority): the client must present a certificate that CA signed.
+    port = reactor.listenSSL(0, Site(resource), server_cert.options(authority), interface="127.0.0.1")
+    return port, resource, f"https://localhost:{port.getHost().port}/xds/repository"
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_repository_with_client_certificate(start_server, tmp_path: Path) -> None:
+    """An HIE repository over TLS that requires a client certificate: with [xds] ca_file,
+    client_cert and client_key the manifest is registered (host name and CA checked)."""
+    port, resource, url = tls_repository(tmp_path)
+    try:
+        server = await start_server(manifest={"stable_after": "0.5"}, xds={
+            "repository_url": url, **XDS_FAST, "ca_file": str(tmp_path / "ca.crt"),
+            "client_cert": str(tmp_path / "client.crt"), "client_key": str(tmp_path / "client.key")})
+        await send_study(server, make_study(tmp_path / "tls"))
+        await wait_state(server, State.REGISTERED, 1)
+        (message,) = resource.received
+        assert message.errors == [] and message.envelope.to == url
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_repository_refuses_us_without_client_certificate(start_server, tmp_path: Path) -> None:
+    """Without client_cert the TLS handshake fails: the submission stays pending (retried as a
+    connection failure), nothing reaches the repository."""
+    port, resource, url = tls_repository(tmp_path)
+    try:
+        server = await start_server(manifest={"stable_after": "0.5"}, xds={
+            "repository_url": url, **XDS_FAST, "ca_file": str(tmp_path / "ca.crt")})
+        await send_study(server, make_study(tmp_path / "nocert"))
+        await wait_for(lambda: server.service.xds.counts[State.PENDING] >= 1, what="a pending submission")
+        await task_sleep(1.5)  # several attempts at the fast retry settings
+        assert resource.received == [] and server.service.xds.counts[State.REGISTERED] == 0
+    finally:
+        await port.stopListening()
+
+
+def make_study(folder: Path) -> Path:
+    make_instances(folder, 1, seed=f"xds-{folder.name}")
+    return folder
+
+
+async def task_sleep(seconds: float) -> None:
+    from twisted.internet import reactor
+
+    await task.deferLater(reactor, seconds, lambda: None)
