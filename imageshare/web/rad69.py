@@ -10,7 +10,8 @@ is not XML, refused by :mod:`imageshare.xds.safexml` (DOCTYPE, XXE, too deep...)
 MTOM package or a wrong media type -> ``Sender`` (400); a SOAP 1.1 envelope ->
 ``VersionMismatch`` (500); another action -> ``Sender`` with ``wsa:ActionNotSupported``;
 a body over the limit -> 413 with a ``Sender`` fault. Everything about the documents is in
-the RegistryResponse of a normal (200) MTOM answer.
+the RegistryResponse of a normal (200) MTOM answer, as is a request that is not valid
+against the XDS-I.b schema (:mod:`imageshare.xds.schemas`): Failure with ``XDSIRequestError``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from imageshare.manifests import LOCATION_UID_SETTING
 from imageshare.store.archive import Archive
 from imageshare.store.records import InstanceRow, State
 from imageshare.workers import WorkerPoolService
-from imageshare.xds import mtom, rad69, safexml, soap
+from imageshare.xds import mtom, rad69, safexml, schemas, soap
 from imageshare.xds.responses import XDS_DOCUMENT_UNIQUE_ID_ERROR, XDS_REPOSITORY_ERROR, XDS_UNKNOWN_REPOSITORY_ID
 
 __all__ = ["Answer", "Rad69Retriever", "Rad69Handler", "Rad69Resource", "DEFAULT_MAX_BODY"]
@@ -200,6 +201,9 @@ class Rad69Handler:
             fault = soap.SoapFault("Sender", "the SOAP Body does not hold a RetrieveImagingDocumentSetRequest")
             return _fault_answer(fault, relates_to=envelope.message_id)
         try:
+            invalid = schemas.validate_payload(envelope.body)
+            if invalid:
+                raise rad69.RequestError(schemas.summary(envelope.body, invalid))
             request = rad69.parse_request(envelope.body, max_documents=self._max_documents)
         except rad69.RequestError as e:
             log.info("RAD-69 request error: {reason}", reason=str(e))

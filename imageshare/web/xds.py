@@ -9,7 +9,10 @@ it to the pool and writes the answer.
 Errors are answered at the level they belong to (``../shared/docs/xds-i.md`` sections 1, 7,
 8): what breaks the transport (not MTOM where MTOM is required, malformed or hostile XML,
 SOAP 1.1, an action this endpoint does not serve) is a SOAP 1.2 fault; what is wrong in
-the metadata is a ``RegistryResponse`` with status Failure and the XDS error codes.
+the metadata is a ``RegistryResponse`` with status Failure and the XDS error codes. A payload
+that is not valid against the XDS.b / ebRS schemas (:mod:`imageshare.xds.schemas`, section
+9 B) is refused before the section 9 checks: ITI-41 ``XDSRepositoryMetadataError``, ITI-42
+and ITI-18 ``XDSRegistryMetadataError``, ITI-43 ``XDSRepositoryError``.
 
 A submission sent again (its answer was lost) is not registered twice: it gets Failure with
 ``XDSDuplicateUniqueIdInRegistry`` only, which is what a standard registry answers (ITI TF-3
@@ -31,14 +34,19 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from imageshare.manifests import LOCATION_UID_SETTING
 from imageshare.xds import metadata as md
-from imageshare.xds import mtom, registry, safexml, soap
+from imageshare.xds import mtom, registry, safexml, schemas, soap
 from imageshare.xds.responses import RegistryError, Severity, Status, registry_response
 from imageshare.xds.store import XdsStore
 from imageshare.workers import WorkerPoolService
 
-__all__ = ["Answer", "RepositoryUid", "SoapResource", "XdsEndpoint", "DEFAULT_MAX_BODY", "domain_authorities"]
+__all__ = [
+    "Answer", "RepositoryUid", "SoapResource", "XdsEndpoint", "DEFAULT_MAX_BODY", "SCHEMA_CONTEXT_LENGTH",
+    "domain_authorities", "schema_error",
+]
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+#: Longest codeContext of a schema error.
+SCHEMA_CONTEXT_LENGTH = 200
 _FAULT_TYPE = soap.SOAP12_CONTENT_TYPE
 _ACTION_NOT_SUPPORTED = f"{{{soap.WSA_NS}}}ActionNotSupported"
 
@@ -93,6 +101,20 @@ def domain_authorities(xds_config: Any, location_uid: Callable[[], str]) -> Call
 
 def _fault(fault: soap.SoapFault, relates_to: str | None = None) -> Answer:
     return Answer(fault.http_status, _FAULT_TYPE, fault.to_bytes(relates_to=relates_to))
+
+
+def schema_error(payload: etree._Element, code: str) -> RegistryError | None:
+    """
+    The RegistryError for a schema-invalid payload (xds-i.md 9 B), or ``None`` if valid.
+
+    Its codeContext is :func:`imageshare.xds.schemas.summary` (the first error, at most
+    :data:`SCHEMA_CONTEXT_LENGTH` characters).
+    """
+    errors = schemas.validate_payload(payload)
+    if not errors:
+        return None
+    context = schemas.summary(payload, errors, SCHEMA_CONTEXT_LENGTH)
+    return RegistryError(code, context)
 
 
 def _text(element: etree._Element, tag: str) -> str:
@@ -181,13 +203,18 @@ class XdsEndpoint:
 
     def _provide(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool) -> Answer:
         self._expect(envelope, f"{{{md.XDS}}}ProvideAndRegisterDocumentSetRequest", mtom_required=True, is_mtom=is_mtom)
-        uid = self._repository_uid()
-        try:
-            submit, documents = registry.provide(envelope.body, attachments, uid)
-            submission = registry.parse_submission(submit, patient_authorities=self._authorities())
-            errors = self._store.provide_and_register(documents, uid, submission)
-        except registry.SubmissionRejected as rejected:
-            errors = list(rejected.errors)
+        invalid = schema_error(envelope.body, registry.REPOSITORY_METADATA_ERROR)
+        documents: list[registry.Provided] = []
+        if invalid is not None:
+            errors = [invalid]
+        else:
+            uid = self._repository_uid()
+            try:
+                submit, documents = registry.provide(envelope.body, attachments, uid)
+                submission = registry.parse_submission(submit, patient_authorities=self._authorities())
+                errors = self._store.provide_and_register(documents, uid, submission)
+            except registry.SubmissionRejected as rejected:
+                errors = list(rejected.errors)
         if errors:
             response = registry_response(Status.FAILURE, errors)
             self.log.info("ITI-41 refused: {codes}", codes=", ".join(e.code for e in errors))
@@ -203,8 +230,11 @@ class XdsEndpoint:
         uid = self._repository_uid()
         errors: list[RegistryError] = []
         found: list[tuple[etree._Element, str, bytes]] = []
-        requests = list(envelope.body.iterchildren(f"{{{md.XDS}}}DocumentRequest"))
-        if not requests:
+        invalid = schema_error(envelope.body, "XDSRepositoryError")
+        requests = [] if invalid is not None else list(envelope.body.iterchildren(f"{{{md.XDS}}}DocumentRequest"))
+        if invalid is not None:
+            errors.append(invalid)
+        elif not requests:
             errors.append(RegistryError("XDSRepositoryError", "no DocumentRequest"))
         for request in requests:
             repository, document = _text(request, "RepositoryUniqueId"), _text(request, "DocumentUniqueId")
@@ -243,7 +273,10 @@ class XdsEndpoint:
 
     def _register(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool) -> Answer:
         self._expect(envelope, f"{{{md.LCM}}}SubmitObjectsRequest")
+        invalid = schema_error(envelope.body, registry.METADATA_ERROR)
         try:
+            if invalid is not None:
+                raise registry.SubmissionRejected([invalid])
             submission = registry.parse_submission(envelope.body, patient_authorities=self._authorities())
             errors = self._store.register(submission)
         except registry.SubmissionRejected as rejected:
@@ -254,6 +287,13 @@ class XdsEndpoint:
 
     def _query(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool) -> Answer:
         self._expect(envelope, f"{{{registry.QUERY}}}AdhocQueryRequest")
+        invalid = schema_error(envelope.body, registry.METADATA_ERROR)
+        if invalid is not None:
+            self.log.info("ITI-18 refused: {code} (schema)", code=invalid.code)
+            response = registry.query_failure([invalid])
+            return Answer(
+                200, soap.SOAP12_CONTENT_TYPE, soap.build_response(soap.ITI18_RESPONSE, envelope.message_id, response)
+            )
         try:
             query = registry.parse_query(envelope.body)
             response = registry.query_response(self._run(query), query.return_type)

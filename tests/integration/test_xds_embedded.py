@@ -269,6 +269,50 @@ async def test_hostile_bodies(start_server, tmp_path: Path) -> None:
     assert await client.find(domain.patient_id("NOBODY")) == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_schema_invalid_payloads(start_server, tmp_path: Path) -> None:
+    """A well-formed MTOM ITI-41 whose DocumentEntry lacks its id, and an ITI-18 without AdhocQuery, are refused
+    by schema validation with Failure and the metadata error naming the problem; nothing is registered and the
+    server keeps answering."""
+    server = await start_server(manifest={"enabled": "no"})
+    config = server.service.config
+    location = await server.service.db_pool.run(RepositoryUid(server.service.catalog, config.manifest.retrieve_location_uid))
+    domain = config.xds.domain(location)
+    client = Client(server, location)
+
+    async def refused(path: str, content_type: str, body: bytes) -> etree._Element:
+        assert any(e.startswith("schema:") for e in validate_message(content_type, body))  # really invalid
+        status, answer_type, answer = await threads.deferToThread(post, f"{client.base}{path}", content_type, body)
+        assert status == 200 and validate_message(answer_type, answer) == [], answer[:2000]
+        return client.payload(answer_type, answer)[0]
+
+    kos = make_kos(tmp_path, location, "2.25.9001", "2.25.9000")
+    request = provide_and_register(make_info(tmp_path, location, "2.25.9001"), domain, entry_uuid=uuid.uuid4(),
+                                   submission_uuid=uuid.uuid4(), now=datetime(2024, 1, 2, tzinfo=timezone.utc),
+                                   document_id="kos@imageshare.test")
+    entry = next(request.iter(f"{{{RIM}}}ExtrinsicObject"))
+    del entry.attrib["id"]
+    envelope = soap.build_request(soap.ITI41, f"{client.base}/xds/repository", request)
+    content_type, body = mtom.build(envelope, {"kos@imageshare.test": ("application/dicom", kos)})
+    result = parse_registry_response(await refused("/xds/repository", content_type, body))
+    assert result.status is Status.FAILURE and result.error_codes == ("XDSRepositoryMetadataError",)
+    assert "ExtrinsicObject" in result.errors[0].context and "'id'" in result.errors[0].context
+    assert len(result.errors[0].context) <= 200
+
+    adhoc = query(registry.FIND_DOCUMENTS)
+    adhoc.remove(adhoc.find(f"{{{RIM}}}AdhocQuery"))
+    envelope = soap.build_request(soap.ITI18, f"{client.base}/xds/registry", adhoc)
+    response = await refused("/xds/registry", soap.SOAP12_CONTENT_TYPE, envelope)
+    assert etree.QName(response).localname == "AdhocQueryResponse"
+    assert response.get("status") == Status.FAILURE.value
+    errors = response.findall(f".//{{{md.RS}}}RegistryError")
+    assert [e.get("errorCode") for e in errors] == ["XDSRegistryMetadataError"]
+    assert "AdhocQuery" in errors[0].get("codeContext")
+
+    # Nothing registered; still answering.
+    assert await client.find(domain.patient_id("XDS-PAT-1")) == []
+
+
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is not installed")
 @pytest_twisted.ensureDeferred
 async def test_out_of_the_box_chain(start_server, tmp_path: Path) -> None:
