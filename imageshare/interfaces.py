@@ -87,5 +87,9 @@ class ICatalog(Interface):
     def manifest_count() -> int:
         """Studies with a manifest in force."""
 
+    def current_manifests() -> list[tuple[str, str, str]]:
+        """(Study Instance UID, SOP Instance UID, archive path) of every manifest in force,
+        oldest first."""
+
     def close() -> None:
         """Release every connection."""

@@ -176,6 +176,7 @@ class ImageShareService(MultiService):
                 make_http_client(reactor, config.xds),
                 reactor,
                 config.xds,
+                catalog=self.catalog,
             )
         mc = config.manifest
         self.manifests = ManifestService(

@@ -410,6 +410,14 @@ class SqliteCatalog:
     def manifest_count(self) -> int:
         return int(self._conn().execute("SELECT COUNT(*) FROM manifests WHERE current=1").fetchone()[0])
 
+    def current_manifests(self) -> list[tuple[str, str, str]]:
+        rows = self._conn().execute(
+            "SELECT m.study_instance_uid, m.sop_instance_uid, i.path FROM manifests m"
+            " JOIN instances i ON i.sop_instance_uid = m.sop_instance_uid"
+            " WHERE m.current = 1 ORDER BY m.built_at, m.sop_instance_uid"
+        ).fetchall()
+        return [(str(study), str(uid), str(path)) for study, uid, path in rows]
+
     def remove_instance(self, sop_instance_uid: str) -> InstanceRow | None:
         with self._write() as c:
             row = self.get_instance(sop_instance_uid)  # same connection: inside this transaction

@@ -25,7 +25,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import attrs
 
@@ -182,20 +182,58 @@ class Outbox:
             ).fetchone()
             if existing is not None:
                 return _row(existing)
-            conn.execute(
-                "UPDATE submissions SET state=?, last_error=?, updated_at=? "
-                "WHERE study_uid=? AND state=? AND attempts=0 AND body IS NULL",
-                (State.SUPERSEDED.value, f"superseded by {manifest_uid}", now, study_uid, State.PENDING.value),
-            )
-            conn.execute(
-                "INSERT INTO submissions (manifest_uid, study_uid, path, entry_uuid, submission_uuid, message_id,"
-                " replaces_uid, state, next_attempt_at, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (manifest_uid, study_uid, path, _urn(), _urn(), _urn(), replaces_uid, State.PENDING.value,
-                 now, now, now),
-            )
-            return _row(conn.execute(f"SELECT {_COLUMNS} FROM submissions WHERE manifest_uid=?",
-                                     (manifest_uid,)).fetchone())
+            # The manifest it superseded may never have been sent (and is superseded here):
+            # the entry to replace is the study's last one that is or will be registered.
+            previous = self._previous(conn, study_uid)
+            return self._insert(conn, manifest_uid, study_uid, path, replaces_uid=previous, now=now)
+
+    def reconcile(self, current: Callable[[], Iterable[tuple[str, str, str]]], *, now: float) -> list[Submission]:
+        """
+        Record every manifest in force that has no row yet (in any state); return the new rows.
+
+        This catches what a crash between a manifest becoming current and its :meth:`add`
+        lost, and what was built while registration was off. ``current`` lists
+        ``(study_uid, manifest_uid, path)`` (the catalog's manifests in force); it is read
+        inside this write transaction, so an :meth:`add` of a manifest made current meanwhile
+        comes after, and an older manifest is never queued behind a newer one. Each new row
+        replaces the study's last entry that is or will be registered before it.
+        """
+        with self._write() as conn:
+            known = {uid for (uid,) in conn.execute("SELECT manifest_uid FROM submissions")}
+            added = []
+            for study_uid, manifest_uid, path in current():
+                if manifest_uid in known:
+                    continue
+                known.add(manifest_uid)
+                replaces_uid = self._previous(conn, study_uid)
+                added.append(self._insert(conn, manifest_uid, study_uid, path, replaces_uid=replaces_uid, now=now))
+            return added
+
+    def _previous(self, conn: sqlite3.Connection, study_uid: str) -> str | None:
+        # Registered, or pending and not to be superseded by a new row (see add): sent first.
+        found = conn.execute(
+            "SELECT manifest_uid FROM submissions WHERE study_uid=? AND (state=?"
+            " OR (state=? AND (attempts>0 OR body IS NOT NULL))) ORDER BY id DESC LIMIT 1",
+            (study_uid, State.REGISTERED.value, State.PENDING.value),
+        ).fetchone()
+        return None if found is None else str(found[0])
+
+    def _insert(self, conn: sqlite3.Connection, manifest_uid: str, study_uid: str, path: str, *,
+                replaces_uid: str | None, now: float) -> Submission:
+        conn.execute(
+            "UPDATE submissions SET state=?, last_error=?, updated_at=? "
+            "WHERE study_uid=? AND state=? AND attempts=0 AND body IS NULL",
+            (State.SUPERSEDED.value, f"superseded by {manifest_uid}", now, study_uid, State.PENDING.value),
+        )
+        conn.execute(
+            "INSERT INTO submissions (manifest_uid, study_uid, path, entry_uuid, submission_uuid, message_id,"
+            " replaces_uid, state, next_attempt_at, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (manifest_uid, study_uid, path, _urn(), _urn(), _urn(), replaces_uid, State.PENDING.value,
+             now, now, now),
+        )
+        return _row(conn.execute(f"SELECT {_COLUMNS} FROM submissions WHERE manifest_uid=?",
+                                 (manifest_uid,)).fetchone())
 
     def get(self, manifest_uid: str) -> Submission | None:
         """The row of a manifest, if any."""

@@ -18,6 +18,7 @@ Log events carry UIDs and outcomes only, never patient data.
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, Callable
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
 from twisted.logger import Logger
@@ -181,12 +182,16 @@ class SubmitterService(Service):
         The reactor, or a ``task.Clock`` in tests.
     config
         ``[xds]``: URL, timeout, retry settings.
+    catalog
+        The catalog (``current_manifests()``, blocking): at start, every manifest in force
+        that the outbox does not know yet is queued (a crash between a manifest becoming
+        current and its ``enqueue``, or manifests built while ``[xds]`` was off).
     """
 
     log = Logger(namespace="imageshare.xds")
 
     def __init__(self, outbox: Outbox, builder: RequestBuilder, pool: Any, http: Any, clock: Any,
-                 config: XdsConfig) -> None:
+                 config: XdsConfig, *, catalog: Any = None) -> None:
         #: Where requests are POSTed: the configured URL, or for the embedded repository the
         #: server's own listening address (set by the service once HTTP listens), since the
         #: public URL may name a proxy or a port this process does not listen on.
@@ -198,6 +203,8 @@ class SubmitterService(Service):
         self._http = http
         self._clock = clock
         self._config = config
+        self._catalog = catalog
+        self._reconciling: Deferred[None] | None = None
         self._wakeup: Any = None
         self._pass: Deferred[None] | None = None
         self._again = False
@@ -210,6 +217,9 @@ class SubmitterService(Service):
     def startService(self) -> None:
         super().startService()
         self.log.info("registering manifests with {url}", url=self._config.repository_url)
+        if self._catalog is not None:
+            d = ensureDeferred(self._reconcile())
+            self._reconciling = None if d.called else d  # a synchronous pool finishes it at once
         self.kick()
 
     def stopService(self) -> Deferred[None] | None:
@@ -219,7 +229,10 @@ class SubmitterService(Service):
         self._wakeup = None
         if self._request is not None:
             self._request.cancel()  # not counted as an attempt: resent after the restart
-        return self._pass
+        waits = [d for d in (self._reconciling, self._pass) if d is not None]
+        if not waits:
+            return None
+        return gatherResults(waits).addCallback(lambda _: None)
 
     def enqueue(self, manifest_uid: str, study_uid: str, path: str, replaces_uid: str | None) -> Deferred[Submission]:
         """Record a manifest to register (durably), then send it."""
@@ -233,6 +246,24 @@ class SubmitterService(Service):
             return row
 
         return ensureDeferred(add())
+
+    async def _reconcile(self) -> None:
+        """Queue the manifests in force that have no outbox row (at start, on the pool)."""
+        now = self._clock.seconds()
+        try:
+            added = await self._pool.run(lambda: self._outbox.reconcile(self._catalog.current_manifests, now=now))
+        except (OSError, sqlite3.Error) as e:
+            self.log.error("cannot look for unqueued manifests: {error}; trying again at the next start",
+                           error=f"{type(e).__name__}: {e}")
+            return
+        except Exception:
+            self.log.failure("looking for unqueued manifests crashed")
+            return
+        finally:
+            self._reconciling = None
+        self.log.info("{count} manifest(s) in force queued for registration at start", count=len(added))
+        if added:
+            self.kick()
 
     def manifest_built(self, built: Any) -> None:
         """``ManifestService`` ``on_built`` hook: queue the manifest made current."""

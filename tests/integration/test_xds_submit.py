@@ -320,6 +320,33 @@ async def test_repository_down_then_restart_mid_retry(start_server, repository, 
     assert (status["xds_registered"], status["xds_pending"]) == (1, 0)
 
 
+@pytest_twisted.ensureDeferred
+async def test_manifests_built_with_xds_off_are_registered_once_enabled(start_server, repository,
+                                                                        tmp_path: Path) -> None:
+    """A manifest made current while [xds] is off has no outbox row; a new server started on the
+    same data directory with [xds] on queues it at start and registers it exactly once."""
+    off = await start_server(manifest={"stable_after": "0.5"}, xds={"enabled": "no"})
+    make_instances(tmp_path / "s", 1, seed="xds-reconcile")
+    await send_study(off, tmp_path / "s")
+    await wait_for(lambda: off.service.manifests.built >= 1, 30, "a manifest")
+    (manifest_uid,) = [uid for _, uid, _ in await threads.deferToThread(off.service.catalog.current_manifests)]
+    assert await outbox_state(off, manifest_uid) is None
+    await off.service.stopService()
+
+    repo = repository([success]).listen()
+    on = await start_server(manifest={"stable_after": "0.5"}, xds={"repository_url": repo.url, **XDS_FAST})
+    assert on.data_dir == off.data_dir
+    await wait_state(on, State.REGISTERED, 1)
+    await task_sleep(1.0)  # a second registration would come now
+    (message,) = repo.resource.received
+    assert message.errors == [] and message.unique_id() == manifest_uid
+    assert repo.resource.registered == {manifest_uid: 1}
+    row = await outbox_state(on, manifest_uid)
+    assert row.state is State.REGISTERED and row.attempts == 1
+    status = await threads.deferToThread(get_status, on.url)
+    assert (status["xds_registered"], status["xds_pending"], status["xds_failed"]) == (1, 0, 0)
+
+
 def tls_repository(tmp_path: Path) -> tuple[Any, ScriptedRepository, Any]:
     """A repository over TLS that requires a client certificate signed by our test CA."""
     from twisted.internet import reactor, ssl

@@ -9,8 +9,11 @@ import attrs
 import pytest
 from twisted.internet import task
 from twisted.internet.defer import succeed
+from twisted.logger import Logger
 
 from imageshare.config import load
+from imageshare.store.catalog import SqliteCatalog
+from imageshare.store.records import InstanceRecord
 from imageshare.xds.outbox import Outbox, State, backoff
 from imageshare.xds.responses import Outcome
 from imageshare.xds.submitter import Answer, SubmitterService
@@ -152,3 +155,113 @@ def test_submitter_resumes_pending_rows_at_start(tmp_path: Path, xds_config: Any
     assert got is not None and got.state is State.FAILED and got.last_error == "XDSRegistryMetadataError"
     assert service.counts[State.FAILED] == 1
     service.stopService()
+
+
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def make_current(catalog: SqliteCatalog, study: str, manifest: str) -> str:
+    """Store a manifest of ``study`` in the catalog and make it the one in force; return its path."""
+    path = f"objects/{manifest}.dcm"
+    record = InstanceRecord(manifest, KOS, study, f"{study}.9", "1.2.840.10008.1.2.1", modality="KO")
+    catalog.begin_manifest(study, manifest)
+    catalog.record_instance(record, path=path, size=1, incoming="x", calling_aet="A")
+    catalog.adopt_manifest(study, manifest, instances=0, receives=0, updated_at=0.0)
+    return path
+
+
+def test_current_manifests_lists_the_ones_in_force(tmp_path: Path) -> None:
+    """current_manifests gives (study, manifest, archive path) of each manifest in force only, not
+    the superseded one."""
+    catalog = SqliteCatalog(tmp_path / "c.sqlite3")
+    make_current(catalog, "1.2.1", "1.2.1.100")
+    path = make_current(catalog, "1.2.1", "1.2.1.101")
+    other = make_current(catalog, "1.2.2", "1.2.2.100")
+    assert sorted(catalog.current_manifests()) == [("1.2.1", "1.2.1.101", path), ("1.2.2", "1.2.2.100", other)]
+    catalog.close()
+
+
+def test_start_queues_current_manifests_without_a_row_once(tmp_path: Path, xds_config: Any) -> None:
+    """A manifest in force in the catalog with no outbox row (lost between becoming current and its
+    enqueue, or built with [xds] off) is queued and sent when the submitter starts, with the
+    catalog's archive path; a second start queues and sends nothing more; the count is logged."""
+    catalog = SqliteCatalog(tmp_path / "c.sqlite3")
+    path = make_current(catalog, "1.2.1", "1.2.1.100")
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    sent: list[str] = []
+    events: list[dict[str, Any]] = []
+
+    def start() -> SubmitterService:
+        service = SubmitterService(outbox, ScriptedBuilder(), SyncPool(), None, task.Clock(), xds_config,
+                                   catalog=catalog)
+        service.log = Logger(namespace="imageshare.xds", observer=events.append)
+
+        async def exchange(content_type: str, body: bytes) -> Answer:
+            sent.append(body.decode())
+            return Answer(Outcome.SUCCESS, "scripted")
+
+        service._exchange = exchange  # type: ignore[method-assign]
+        service.startService()
+        return service
+
+    first = start()
+    row = outbox.get("1.2.1.100")
+    assert row is not None and row.state is State.REGISTERED and row.path == path and row.replaces_uid is None
+    assert sent == ["<request/>"]
+    first.stopService()
+    start().stopService()
+    assert sent == ["<request/>"] and outbox.counts()[State.REGISTERED] == 1
+    assert [e["count"] for e in events if "count" in e] == [1, 0]
+    catalog.close()
+
+
+def test_reconcile_leaves_known_manifests_alone(tmp_path: Path) -> None:
+    """A manifest in force that already has an outbox row, in any state (pending, registered, failed,
+    superseded), gets no new row and its row is left as it was."""
+    catalog = SqliteCatalog(tmp_path / "c.sqlite3")
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    rows = {}
+    for n, state in enumerate(State, start=1):
+        study, manifest = f"1.2.{n}", f"1.2.{n}.100"
+        rows[manifest] = outbox.add(manifest, study, make_current(catalog, study, manifest), replaces_uid=None,
+                                    now=0.0)
+        if state is State.REGISTERED:
+            outbox.registered(rows[manifest].id, now=0.0)
+        elif state is State.FAILED:
+            outbox.fail(rows[manifest].id, "XDSRegistryMetadataError", now=0.0)
+        elif state is State.SUPERSEDED:
+            outbox.supersede(rows[manifest].id, "gone", now=0.0)
+        rows[manifest] = outbox.get(manifest)
+    assert {r.state for r in rows.values()} == set(State)
+    assert outbox.reconcile(catalog.current_manifests, now=5.0) == []
+    assert {uid: outbox.get(uid) for uid in rows} == rows
+    catalog.close()
+
+
+def test_reconcile_replaces_the_registered_entry(tmp_path: Path) -> None:
+    """A study whose earlier manifest was registered has its unqueued manifest in force queued with
+    RPLC to that entry; an unsent row in between is superseded (RPLC still points to the registered
+    entry), while a row already sent stays first and is the one replaced."""
+    catalog = SqliteCatalog(tmp_path / "c.sqlite3")
+    outbox = Outbox(tmp_path / "o.sqlite3")
+    # Study 1.2.1: 100 registered, then 101 queued but never sent, 102 in force and not queued.
+    old = outbox.add("1.2.1.100", "1.2.1", "p", replaces_uid=None, now=0.0)
+    outbox.registered(old.id, now=0.0)
+    outbox.add("1.2.1.101", "1.2.1", "p", replaces_uid="1.2.1.100", now=0.0)
+    make_current(catalog, "1.2.1", "1.2.1.102")
+    # Study 1.2.2: 200 registered, 201 sent and waiting for a retry, 202 in force and not queued.
+    outbox.registered(outbox.add("1.2.2.200", "1.2.2", "p", replaces_uid=None, now=0.0).id, now=0.0)
+    sent = outbox.add("1.2.2.201", "1.2.2", "p", replaces_uid="1.2.2.200", now=0.0)
+    outbox.prepare(sent.id, replaces=None, content_type="t", body=b"x", now=0.0)
+    outbox.retry(sent.id, "down", now=0.0, initial=1, maximum=10, max_attempts=5)
+    make_current(catalog, "1.2.2", "1.2.2.202")
+
+    added = outbox.reconcile(catalog.current_manifests, now=1.0)
+    assert {(r.manifest_uid, r.replaces_uid) for r in added} == {("1.2.1.102", "1.2.1.100"),
+                                                                  ("1.2.2.202", "1.2.2.201")}
+    assert outbox.get("1.2.1.101").state is State.SUPERSEDED  # type: ignore[union-attr]
+    assert outbox.replaced_entry("1.2.1.100") == old.entry_uuid
+    assert outbox.get("1.2.2.201").state is State.PENDING  # type: ignore[union-attr]
+    assert {r.manifest_uid for r in outbox.due(2.0)} == {"1.2.1.102", "1.2.2.201"}  # 202 waits for 201
+    assert outbox.reconcile(catalog.current_manifests, now=2.0) == []
+    catalog.close()
