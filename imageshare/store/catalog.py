@@ -11,7 +11,6 @@ commit durable before it returns: the C-STORE response is sent only after that.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -22,6 +21,7 @@ from zope.interface import implementer
 from imageshare.dicom.manifest import InstanceRef, ManifestSources, StudySummary
 from imageshare.interfaces import ICatalog
 from imageshare.store.records import Counts, FrameRecord, InstanceRecord, InstanceRow, State
+from imageshare.store.sqlite import SqliteDatabase
 
 SCHEMA_VERSION = 1
 
@@ -129,16 +129,14 @@ class CatalogError(Exception):
 
 
 @implementer(ICatalog)
-class SqliteCatalog:
+class SqliteCatalog(SqliteDatabase):
     """:class:`ICatalog` on an SQLite file."""
 
+    closed_error = CatalogError
+    what = "the catalog"
+
     def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
-        self._closed = False
+        super().__init__(path, busy_timeout=busy_timeout)
         conn = self._conn()
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -147,38 +145,10 @@ class SqliteCatalog:
         conn.executescript(_SCHEMA)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            with self._lock:
-                if self._closed:
-                    raise CatalogError("the catalog is closed")
-                conn = sqlite3.connect(
-                    self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
-                )
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA foreign_keys=ON")
-                self._connections.append(conn)
-            self._local.conn = conn
-        return conn
-
     def reader(self) -> sqlite3.Connection:
         """This thread's connection, for read-only queries kept in other modules (C-FIND).
         Blocking: never call it on the reactor thread."""
         return self._conn()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
 
     def record_instance(
         self, record: InstanceRecord, *, path: str, size: int, incoming: str, calling_aet: str
@@ -452,13 +422,3 @@ class SqliteCatalog:
             (stored,) = c.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
         return str(stored)
 
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            try:
-                conn.close()
-            except sqlite3.ProgrammingError:
-                # Made in another thread that is still alive; SQLite closes it with the process.
-                pass

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import enum
 import sqlite3
-import threading
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import attrs
+
+from imageshare.store.sqlite import SqliteDatabase
 
 __all__ = ["Outbox", "State", "Submission", "backoff"]
 
@@ -123,7 +123,7 @@ def _urn() -> str:
     return f"urn:uuid:{uuid.uuid4()}"
 
 
-class Outbox:
+class Outbox(SqliteDatabase):
     """
     The outbox table. Thread-safe: each thread has its own connection.
 
@@ -133,41 +133,14 @@ class Outbox:
         The SQLite file (``<data_dir>/xds-outbox.sqlite3``); created if missing.
     """
 
+    what = "the XDS outbox"
+
     def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        super().__init__(path, busy_timeout=busy_timeout)
         with self._write() as conn:
             # One statement at a time: executescript would commit the transaction early.
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 conn.execute(statement)
-
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            with self._lock:
-                self._connections.append(conn)
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
 
     def add(self, manifest_uid: str, study_uid: str, path: str, *, replaces_uid: str | None, now: float) -> Submission:
         """
@@ -327,13 +300,6 @@ class Outbox:
         found = conn.execute("SELECT state FROM submissions WHERE id=?", (id_,)).fetchone()
         return None if found is None else State(found[0])
 
-    def close(self) -> None:
-        """Close every thread's connection (at shutdown, once no thread uses the outbox)."""
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
 
 
 def _row(r: tuple[object, ...]) -> Submission:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
+
+from imageshare.store.sqlite import SqliteDatabase
 
 from imageshare.xds import metadata as md
 from imageshare.xds.registry import (
@@ -101,7 +101,7 @@ def _error(code: str, context: str, location: str = "") -> RegistryError:
     return RegistryError(code, context, location, Severity.ERROR)
 
 
-class XdsStore:
+class XdsStore(SqliteDatabase):
     """
     The repository's documents and the registry's objects.
 
@@ -113,53 +113,12 @@ class XdsStore:
         Seconds to wait for another writer.
     """
 
+    closed_error = XdsStoreError
+    what = "the XDS store"
+
     def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
-        self._path = str(path)
-        self._busy_timeout = busy_timeout
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
-        self._closed = False
+        super().__init__(path, busy_timeout=busy_timeout)
         self._conn().executescript(_SCHEMA)
-
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            with self._lock:
-                if self._closed:
-                    raise XdsStoreError("the XDS store is closed")
-                conn = sqlite3.connect(
-                    self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
-                )
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA foreign_keys=ON")
-                self._connections.append(conn)
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
-
-    def close(self) -> None:
-        """Close every connection; later calls raise :class:`XdsStoreError`."""
-        with self._lock:
-            self._closed = True
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            try:
-                conn.close()
-            except sqlite3.ProgrammingError:
-                pass  # made in a thread that is still alive; closed with the process
 
     # ------------------------------------------------------------------ writes
 
