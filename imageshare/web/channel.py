@@ -30,6 +30,7 @@ class ScanningHTTPChannel(HTTPChannel):
     """``HTTPChannel`` plus early notice of (pipelined) requests; see the module docstring."""
 
     def connectionMade(self) -> None:
+        self._transport_full = False  # before Twisted registers us with the transport
         super().connectionMade()
         # Twisted writes at most 128 KiB per send(); whole DICOM objects and JPIP responses
         # are megabytes, and each extra pass through the reactor costs more than the copy.
@@ -75,7 +76,7 @@ class ScanningHTTPChannel(HTTPChannel):
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         super().registerProducer(producer, streaming)
-        if not streaming and getattr(self, "_transport_full", False):
+        if not streaming and self._transport_full:
             self._requestProducer.pauseProducing()  # the wrapper Twisted made for it
 
     def take_arrival(self) -> int:
