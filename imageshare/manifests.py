@@ -22,6 +22,7 @@ swept on the next poll.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from datetime import datetime
 from typing import Any, Callable
 
@@ -42,6 +43,26 @@ LOCATION_UID_SETTING = "manifest.retrieve_location_uid"
 # Failures of the environment (disk, database, a value we cannot store), not of our code:
 # logged as errors and retried, never as tracebacks.
 _EXPECTED = (OSError, sqlite3.Error, IngestError)
+
+
+class LocationUid:
+    """
+    The Retrieve Location UID our manifests carry, which is also our XDS repositoryUniqueId
+    (the embedded repository, RAD-69): configured, or generated once per data directory and
+    kept in the catalog (whoever asks first creates it). Blocking on first call: call it on
+    a pool.
+    """
+
+    def __init__(self, catalog: ICatalog, configured: str = "") -> None:
+        self._catalog = catalog
+        self._value = configured or None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._value is None:
+                self._value = str(self._catalog.ensure_setting(LOCATION_UID_SETTING, generate_uid(prefix=None)))
+            return self._value
 
 
 @attrs.frozen
@@ -81,9 +102,7 @@ class ManifestBuilder:
 
     def location_uid(self, configured: str) -> str:
         """The Retrieve Location UID: configured, or generated once and kept in the catalog."""
-        if configured:
-            return configured
-        return self._catalog.ensure_setting(LOCATION_UID_SETTING, generate_uid(prefix=None))
+        return LocationUid(self._catalog, configured)()
 
     def build(self, study_instance_uid: str, location_uid: str) -> Built | None:
         """Store a new manifest for the study if it changed since the one in force."""

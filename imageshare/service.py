@@ -29,7 +29,7 @@ from twisted.web.resource import Resource
 from imageshare import __version__
 from imageshare.config import Config
 from imageshare.logbridge import bridge_stdlib_logging
-from imageshare.manifests import ManifestBuilder, ManifestService
+from imageshare.manifests import LocationUid, ManifestBuilder, ManifestService
 from imageshare.protocols.dicom.bridge import ReactorBridge
 from imageshare.protocols.dicom.handlers import StoreHandler
 from imageshare.protocols.dicom.listener import DicomListenerService
@@ -49,7 +49,7 @@ from imageshare.web.status import StatusResource
 from imageshare.wado.cache import ResponseCache
 from imageshare.web.wado import WadoResource, WadoRetriever
 from imageshare.web.rad69 import Rad69Handler, Rad69Resource, Rad69Retriever
-from imageshare.web.xds import RepositoryUid, SoapResource, XdsEndpoint, domain_authorities
+from imageshare.web.xds import SoapResource, XdsEndpoint, domain_authorities
 from imageshare.workers import ProcessPoolService, WorkerPoolService
 from imageshare.xds.outbox import Outbox, State as XdsState
 from imageshare.xds.store import XdsStore
@@ -227,17 +227,17 @@ class ImageShareService(MultiService):
         root.putChild(b"xds", self.xds_root)
         # The embedded XDS.b repository and registry; its uniqueId is the manifests' Retrieve Location UID.
         self.xds_store = XdsStore(data_dir / "xds.sqlite3")
-        location = RepositoryUid(self.catalog, mc.retrieve_location_uid)
+        location = LocationUid(self.catalog, mc.retrieve_location_uid)
         xds_endpoint = XdsEndpoint(
             self.xds_store,
-            RepositoryUid(self.catalog, config.xds.repository_unique_id or mc.retrieve_location_uid),
+            LocationUid(self.catalog, config.xds.repository_unique_id) if config.xds.repository_unique_id else location,
             patient_authorities=domain_authorities(config.xds, location),
         )
         self.xds_root.putChild(b"repository", SoapResource(xds_endpoint.repository, self.db_pool))
         self.xds_root.putChild(b"registry", SoapResource(xds_endpoint.registry, self.db_pool))
         # RAD-69 reads and converts instances as WADO does: on the WADO pool.
         rad69_retriever = Rad69Retriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
-                                         repository_uid=mc.retrieve_location_uid)
+                                         repository_uid=location)
         self.xds_root.putChild(b"imaging-source", Rad69Resource(Rad69Handler(rad69_retriever), self.wado_pool))
         root.putChild(
             b"status",

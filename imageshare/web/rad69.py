@@ -16,12 +16,10 @@ against the XDS-I.b schema (:mod:`imageshare.xds.schemas`): Failure with ``XDSIR
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import attrs
-from pydicom.uid import generate_uid
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -29,7 +27,6 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from imageshare.dicom import derived
 from imageshare.interfaces import ICatalog
-from imageshare.manifests import LOCATION_UID_SETTING
 from imageshare.store.archive import Archive
 from imageshare.store.records import InstanceRow, State
 from imageshare.workers import WorkerPoolService
@@ -77,31 +74,20 @@ class Rad69Retriever:
     public_url
         Base of the Pixel Data Provider URL of JPIP Referenced objects.
     repository_uid
-        ``[manifest] retrieve_location_uid``; empty: the one generated once per data
-        directory and kept in the catalog (what our manifests carry).
+        Our RepositoryUniqueId, the Retrieve Location UID our manifests carry
+        (:class:`~imageshare.manifests.LocationUid`; blocking on first call).
     """
 
     def __init__(self, catalog: ICatalog, archive: Archive, data_dir: Path, *, public_url: str,
-                 repository_uid: str = "") -> None:
+                 repository_uid: Callable[[], str]) -> None:
         self._catalog = catalog
         self._archive = archive
         self._data_dir = data_dir
         self._public_url = public_url
-        self._configured = repository_uid
-        self._repository_uid: str | None = None
-        self._lock = threading.Lock()
-
-    def repository_uid(self) -> str:
-        """Our RepositoryUniqueId: the Retrieve Location UID of our manifests."""
-        with self._lock:
-            if self._repository_uid is None:
-                self._repository_uid = self._configured or self._catalog.ensure_setting(
-                    LOCATION_UID_SETTING, generate_uid(prefix=None)
-                )
-            return self._repository_uid
+        self._repository_uid = repository_uid
 
     def __call__(self, request: rad69.RetrieveRequest) -> list[rad69.Outcome]:
-        ours = self.repository_uid()
+        ours = self._repository_uid()
         return [self._one(document, request.transfer_syntaxes, ours) for document in request.documents]
 
     def _one(self, document: rad69.DocumentRequest, syntaxes: tuple[str, ...], ours: str) -> rad69.Outcome:

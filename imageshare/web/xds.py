@@ -21,18 +21,15 @@ A submission sent again (its answer was lost) is not registered twice: it gets F
 
 from __future__ import annotations
 
-import threading
 import uuid
 from typing import Any, Callable
 
 import attrs
 from lxml import etree
-from pydicom.uid import generate_uid
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from imageshare.manifests import LOCATION_UID_SETTING
 from imageshare.xds import metadata as md
 from imageshare.xds import mtom, registry, safexml, schemas, soap
 from imageshare.xds.responses import RegistryError, Severity, Status, registry_response
@@ -40,7 +37,7 @@ from imageshare.xds.store import XdsStore
 from imageshare.workers import WorkerPoolService
 
 __all__ = [
-    "Answer", "RepositoryUid", "SoapResource", "XdsEndpoint", "DEFAULT_MAX_BODY", "SCHEMA_CONTEXT_LENGTH",
+    "Answer", "SoapResource", "XdsEndpoint", "DEFAULT_MAX_BODY", "SCHEMA_CONTEXT_LENGTH",
     "domain_authorities", "schema_error",
 ]
 
@@ -58,27 +55,6 @@ class Answer:
     status: int
     content_type: str
     body: bytes
-
-
-class RepositoryUid:
-    """
-    The embedded repository's uniqueId: the manifests' Retrieve Location UID.
-
-    Configured, or the one generated once per data directory and kept in the catalog
-    setting the manifest service uses (whoever asks first creates it). Blocking on first
-    call: call it on the pool.
-    """
-
-    def __init__(self, catalog: Any, configured: str = "") -> None:
-        self._catalog = catalog
-        self._value = configured or None
-        self._lock = threading.Lock()
-
-    def __call__(self) -> str:
-        with self._lock:
-            if self._value is None:
-                self._value = str(self._catalog.ensure_setting(LOCATION_UID_SETTING, generate_uid(prefix=None)))
-            return self._value
 
 
 def domain_authorities(xds_config: Any, location_uid: Callable[[], str]) -> Callable[[], frozenset[str]]:

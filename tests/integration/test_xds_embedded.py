@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from twisted.internet import task, threads
 
 from imageshare.dicom.manifest import KOS_SOP_CLASS, InstanceRef, StudySummary, build_manifest, encode_manifest
-from imageshare.web.xds import RepositoryUid
+from imageshare.manifests import LocationUid
 from imageshare.xds import metadata as md
 from imageshare.jpip_cli import JpipClient
 from imageshare.xds import mtom, rad69, registry, safexml, soap
@@ -141,7 +141,7 @@ async def test_provide_find_retrieve_replace(start_server, tmp_path: Path) -> No
     entry; GetDocuments and GetSubmissionSets answer; an unknown repository gives XDSUnknownRepositoryId."""
     server = await start_server(manifest={"enabled": "no"})
     config = server.service.config
-    location = await server.service.db_pool.run(RepositoryUid(server.service.catalog, config.manifest.retrieve_location_uid))
+    location = await server.service.db_pool.run(LocationUid(server.service.catalog, config.manifest.retrieve_location_uid))
     domain = config.xds.domain(location)
     client = Client(server, domain.repository_unique_id)
     assert domain.repository_unique_id == location
@@ -232,7 +232,7 @@ async def test_hostile_bodies(start_server, tmp_path: Path) -> None:
     over the limit get clean SOAP faults (or 413); the server keeps answering queries afterwards."""
     server = await start_server(manifest={"enabled": "no"})
     config = server.service.config
-    location = await server.service.db_pool.run(RepositoryUid(server.service.catalog, config.manifest.retrieve_location_uid))
+    location = await server.service.db_pool.run(LocationUid(server.service.catalog, config.manifest.retrieve_location_uid))
     domain = config.xds.domain(location)
     client = Client(server, location)
     xml = soap.SOAP12_CONTENT_TYPE
@@ -276,7 +276,7 @@ async def test_schema_invalid_payloads(start_server, tmp_path: Path) -> None:
     server keeps answering."""
     server = await start_server(manifest={"enabled": "no"})
     config = server.service.config
-    location = await server.service.db_pool.run(RepositoryUid(server.service.catalog, config.manifest.retrieve_location_uid))
+    location = await server.service.db_pool.run(LocationUid(server.service.catalog, config.manifest.retrieve_location_uid))
     domain = config.xds.domain(location)
     client = Client(server, location)
 
@@ -344,7 +344,7 @@ async def test_out_of_the_box_chain(start_server, tmp_path: Path) -> None:
     assert status.get("xds_registered") == 1 and status.get("xds_failed") == 0, status
 
     config = server.service.config
-    location = await server.service.db_pool.run(RepositoryUid(server.service.catalog, config.manifest.retrieve_location_uid))
+    location = await server.service.db_pool.run(LocationUid(server.service.catalog, config.manifest.retrieve_location_uid))
     domain = config.xds.domain(location)
     client = Client(server, location)
     first = dcmread(files[0], stop_before_pixels=True)
