@@ -49,6 +49,10 @@ class DicomConfig:
     acse_timeout: float
     dimse_timeout: float
     network_timeout: float
+    # Bounds on what a peer can make us spend (issue 10); see docs/configuration.md.
+    max_associations_per_address: int
+    negotiation_timeout: float
+    max_object_size: int
 
 
 @attrs.frozen
@@ -56,6 +60,13 @@ class HttpConfig:
     listen: str
     public_url: str
     request_log: bool
+    # Bounds on what a client can make us spend; they apply to the JPIP aux listener too.
+    max_connections: int
+    max_connections_per_address: int
+    header_timeout: float  # request line and headers complete within this
+    body_timeout: float  # the body complete within this after the headers
+    idle_timeout: float  # a connection without a request in progress
+    max_body: int  # request bodies at resources without a limit of their own
 
 
 @attrs.frozen
@@ -80,6 +91,8 @@ class JpipConfig:
     tcp_listen: str | None
     tcp_window: int
     tcp_attach_timeout: float
+    max_sessions_per_client: int
+    max_body: int  # POST bodies at /jpip
 
 
 @attrs.frozen
@@ -95,6 +108,7 @@ class WadoConfig:
     cache_bytes: int
     workers: int
     decode_threads: int
+    max_queue_per_client: int  # renderings waiting per client; more get 503
 
 
 @attrs.frozen
@@ -118,6 +132,7 @@ class XdsConfig:
     issuer_authorities: tuple[tuple[str, str], ...]
     unmapped_issuers: str
     codes: tuple[tuple[str, Code], ...]  # AffinityDomain attribute -> configured code
+    max_body: int  # SOAP bodies at /xds/*
 
     def domain(self, location_uid: str) -> AffinityDomain:
         """
@@ -323,15 +338,24 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             listen=r.get("dicom", "listen", "tcp:11112:interface=127.0.0.1", _dicom_endpoint),
             allowed_calling_aets=r.get("dicom", "allowed_calling_aets", "", _ae_list),
             max_pdu=r.get("dicom", "max_pdu", "262144", _max_pdu),
-            max_associations=r.get("dicom", "max_associations", "16", _int_range(1, 1000)),
+            max_associations=r.get("dicom", "max_associations", "64", _int_range(1, 1000)),
             acse_timeout=r.get("dicom", "acse_timeout", "30", _seconds),
             dimse_timeout=r.get("dicom", "dimse_timeout", "60", _seconds),
             network_timeout=r.get("dicom", "network_timeout", "60", _seconds),
+            max_associations_per_address=r.get("dicom", "max_associations_per_address", "16", _int_range(1, 1000)),
+            negotiation_timeout=r.get("dicom", "negotiation_timeout", "10", _seconds),
+            max_object_size=r.get("dicom", "max_object_size", "1073741824", _int_range(1 << 16, 1 << 36)),
         ),
         http=HttpConfig(
             listen=r.get("http", "listen", "tcp:8080:interface=127.0.0.1", _http_endpoint),
             public_url=public_url,
             request_log=r.get("http", "request_log", "no", _bool),
+            max_connections=r.get("http", "max_connections", "512", _int_range(1, 100_000)),
+            max_connections_per_address=r.get("http", "max_connections_per_address", "128", _int_range(1, 100_000)),
+            header_timeout=r.get("http", "header_timeout", "20", _seconds),
+            body_timeout=r.get("http", "body_timeout", "120", _seconds),
+            idle_timeout=r.get("http", "idle_timeout", "60", _seconds),
+            max_body=r.get("http", "max_body", "65536", _int_range(0, 1 << 40)),
         ),
         transcode=TranscodeConfig(
             workers=r.get("transcode", "workers", "2", _int_range(1, 64)),
@@ -352,6 +376,8 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             tcp_listen=r.get("jpip", "tcp_listen", "tcp:8081:interface=127.0.0.1", _optional_endpoint),
             tcp_window=r.get("jpip", "tcp_window", "1048576", _int_range(65535, 1 << 30)),
             tcp_attach_timeout=r.get("jpip", "tcp_attach_timeout", "30", _seconds),
+            max_sessions_per_client=r.get("jpip", "max_sessions_per_client", "100", _int_range(1, 1_000_000)),
+            max_body=r.get("jpip", "max_body", "1048576", _int_range(0, 1 << 40)),
         ),
         manifest=ManifestConfig(
             enabled=r.get("manifest", "enabled", "yes", _bool),
@@ -363,6 +389,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             cache_bytes=r.get("wado", "cache_bytes", "67108864", _int_range(0, 1 << 40)),
             workers=r.get("wado", "workers", "2", _int_range(1, 64)),
             decode_threads=r.get("wado", "decode_threads", "2", _int_range(1, 64)),
+            max_queue_per_client=r.get("wado", "max_queue_per_client", "16", _int_range(1, 100_000)),
         ),
         dicom_destinations=_destinations(parser, r),
         xds=_xds(r, public_url),
@@ -527,6 +554,7 @@ def _xds(r: _Reader, public_url: str) -> XdsConfig:
         issuer_authorities=r.get("xds", "issuer_authorities", "", _issuer_authorities),
         unmapped_issuers=r.get("xds", "unmapped_issuers", "domain", _unmapped),
         codes=tuple(codes),
+        max_body=r.get("xds", "max_body", "67108864", _int_range(0, 1 << 40)),
     )
     if config.retry_max < config.retry_initial:
         raise ConfigError("xds", "retry_max", "must not be less than retry_initial")
