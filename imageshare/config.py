@@ -163,6 +163,11 @@ class DicomDestination:
 
 
 @attrs.frozen
+class LogConfig:
+    level: str  # the least severe level written: debug, info, warn, error
+
+
+@attrs.frozen
 class Config:
     """The whole configuration, as read from one INI file."""
 
@@ -176,6 +181,7 @@ class Config:
     wado: WadoConfig
     dicom_destinations: tuple[DicomDestination, ...]
     xds: XdsConfig
+    log: LogConfig = LogConfig(level="info")
 
 
 # -- value parsers: each raises ValueError with a message fit for an operator ---------------
@@ -393,12 +399,20 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         ),
         dicom_destinations=_destinations(parser, r),
         xds=_xds(r, public_url),
+        log=LogConfig(level=r.get("log", "level", "info", _log_level)),
     )
     for section in parser.sections():
         for key in parser.options(section):
             if (section, key.lower()) not in r.used:
                 raise ConfigError(section, key, "unknown key (misspelt?)")
     return config
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in ("debug", "info", "warn", "error"):
+        raise ValueError(f"expected debug, info, warn or error, got {text!r}")
+    return level
 
 
 def _optional_uid(text: str) -> str:

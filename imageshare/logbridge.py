@@ -1,10 +1,23 @@
-"""Send what pynetdicom, pydicom and glymur log through stdlib ``logging`` to twisted.logger."""
+"""
+Send what pynetdicom, pydicom and glymur log through stdlib ``logging`` to twisted.logger.
+
+pydicom's warnings name the values they complain of (``Invalid value for VR DA:
+'19620231'`` is a patient's birth date), so they go to the log at debug level only, and
+the same warnings raised through :mod:`warnings` are not shown (twistd would log those at
+warn level).
+"""
 
 from __future__ import annotations
 
 import logging
+import warnings
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel
+
+from imageshare.logsafe import Logger
+
+#: Libraries whose messages quote data-set values: never above debug.
+_QUOTES_VALUES = ("pydicom",)
 
 _LEVELS = [
     (logging.CRITICAL, LogLevel.critical),
@@ -29,6 +42,8 @@ class TwistedLoggerHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         level = next(twisted for stdlib, twisted in _LEVELS if record.levelno >= stdlib)
+        if record.name.split(".")[0] in _QUOTES_VALUES:
+            level = LogLevel.debug
         try:
             message = record.getMessage()
         except Exception:
@@ -45,4 +60,24 @@ def bridge_stdlib_logging(names: tuple[str, ...], level: int) -> TwistedLoggerHa
         logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = False
+    _ignore_value_warnings()
     return handler
+
+
+def quiet_value_warnings() -> None:
+    """
+    In a process without the bridge (a transcoding worker): pydicom's messages that quote
+    values are dropped rather than printed to stderr, which the server's log receives.
+    """
+    for name in _QUOTES_VALUES:
+        logger = logging.getLogger(name)
+        logger.handlers = [logging.NullHandler()]
+        logger.propagate = False
+    _ignore_value_warnings()
+
+
+def _ignore_value_warnings() -> None:
+    for name in _QUOTES_VALUES:
+        # Their stdlib records say the same (at debug through the bridge); the warnings
+        # would be shown at warn level, with the value.
+        warnings.filterwarnings("ignore", category=UserWarning, module=rf"{name}(\.|$)")

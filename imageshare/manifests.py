@@ -31,7 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from imageshare.logsafe import Logger
 
 from imageshare.dicom.manifest import KOS_SOP_CLASS, build_manifest, encode_manifest, series_uid_for
 from imageshare.interfaces import ICatalog

@@ -22,13 +22,14 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import Logger
+from imageshare.logsafe import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from imageshare import __version__
 from imageshare.config import Config
 from imageshare.logbridge import bridge_stdlib_logging
+from imageshare.logsafe import set_minimum_level
 from imageshare.manifests import LocationUid, ManifestBuilder, ManifestService
 from imageshare.protocols.dicom.bridge import ReactorBridge
 from imageshare.protocols.dicom.handlers import StoreHandler
@@ -356,6 +357,7 @@ class ImageShareService(MultiService):
 
 def make_service(config: Config, reactor: Any) -> ImageShareService:
     """Build the server; nothing listens until the service starts."""
+    set_minimum_level(config.log.level)
     bridge_stdlib_logging(("pynetdicom", "pydicom", "glymur"), logging.WARNING)
     # Process-wide pynetdicom settings, set once here (never per request). Query
     # identifiers carry patient names and IDs: keep them out of the log.

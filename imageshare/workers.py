@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from imageshare.logsafe import Logger
 from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")

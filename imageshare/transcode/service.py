@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.logger import Logger
+from imageshare.logsafe import Logger
 
 from imageshare.interfaces import ICatalog
 from imageshare.workers import BrokenProcessPool, ProcessPoolService, WorkerPoolService

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from imageshare.logbridge import quiet_value_warnings
 from imageshare.store.archive import Archive
 from imageshare.store.catalog import SqliteCatalog
 from imageshare.transcode.job import TranscodeJob
@@ -28,6 +29,7 @@ def initialize(data_dir: str, params: EncodeParams, nice: int, stopping: Any) ->
     """Set up this worker process (``ProcessPoolExecutor`` initializer)."""
     global _job
     _die_with_parent()
+    quiet_value_warnings()
     if nice:
         # Background work: acknowledgements and HTTP answers get the CPU first.
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from twisted.logger import Logger
+from imageshare.logsafe import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 

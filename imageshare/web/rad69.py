@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import attrs
-from twisted.logger import Logger
+from imageshare.logsafe import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request

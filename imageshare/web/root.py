@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Callable
 
-from twisted.logger import Logger
+from imageshare.logsafe import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 

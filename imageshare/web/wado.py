@@ -31,7 +31,7 @@ import attrs
 from pydicom import dcmread
 from pydicom.pixels import apply_color_lut, pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from twisted.logger import Logger
+from imageshare.logsafe import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import attrs
 from lxml import etree
-from twisted.logger import Logger
+from imageshare.logsafe import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 

@@ -52,7 +52,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from imageshare.logsafe import Logger
 
 from imageshare.config import DicomConfig
 from imageshare.endpoints import parse_dicom_endpoint

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import attrs
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from imageshare.logsafe import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
