@@ -31,10 +31,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
-from imageshare.logsafe import Logger
 
 from imageshare.dicom.manifest import KOS_SOP_CLASS, build_manifest, encode_manifest, series_uid_for
 from imageshare.interfaces import ICatalog
+from imageshare.logsafe import Logger
 from imageshare.store.archive import Archive, fsync_dir
 from imageshare.store.ingest import IngestError, Ingestor, Stored
 

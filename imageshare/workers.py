@@ -10,8 +10,9 @@ from typing import Any, Callable, TypeVar
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
-from imageshare.logsafe import Logger
 from twisted.python.threadpool import ThreadPool
+
+from imageshare.logsafe import Logger
 
 T = TypeVar("T")
 

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
-from imageshare.logsafe import Logger
 
 from imageshare.interfaces import ICatalog
+from imageshare.logsafe import Logger
 from imageshare.workers import BrokenProcessPool, ProcessPoolService, WorkerPoolService
 
 

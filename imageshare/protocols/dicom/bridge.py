@@ -17,9 +17,10 @@ from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-from imageshare.logsafe import Logger
 from twisted.python import threadable
 from twisted.python.failure import Failure
+
+from imageshare.logsafe import Logger
 
 T = TypeVar("T")
 

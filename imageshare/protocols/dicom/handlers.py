@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from imageshare.logsafe import Logger
 
+from imageshare.logsafe import Logger
 from imageshare.protocols.dicom.bridge import ReactorBridge
 from imageshare.store.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, IngestError, Ingestor, Stored
 
