@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,24 @@ def make_cr(folder: Path) -> tuple[Path, np.ndarray]:
     path = folder / "cr.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path, pixels
+
+
+def rss(pid: int | str = "self") -> int:
+    """Resident memory of a process (this one by default), in bytes (``VmRSS``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def get_from(port: int, path: str, source: str, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    """One GET to 127.0.0.1:``port`` on a new connection from ``source`` (another loopback
+    address stands for another client); blocking, so call it in a thread."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, body
+    finally:
+        conn.close()

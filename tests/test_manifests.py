@@ -308,7 +308,8 @@ def test_remove_instance_drops_empty_series_study_and_patient(tmp_path: Path) ->
     assert (c.counts().instances, c.counts().series, c.counts().studies) == (2, 2, 2)
     c.remove_instance("1.3")
     assert (c.counts().instances, c.counts().series, c.counts().studies) == (1, 1, 1)
-    patients = [p for (p,) in c.reader().execute("SELECT patient_id FROM patients")]
+    with c.reader() as conn:
+        patients = [p for (p,) in conn.execute("SELECT patient_id FROM patients")]
     assert patients == ["P1"]
     c.close()
 

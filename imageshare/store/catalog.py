@@ -1,9 +1,9 @@
 """
 The catalog in SQLite: one file in the data directory, WAL mode, durable commits.
 
-Thread model: each thread gets its own connection (SQLite connections are not meant to be
-shared between threads), all opened in WAL mode so that readers (status, queries) never
-wait for the writer. Writes use ``BEGIN IMMEDIATE`` so that concurrent writers queue on
+Thread model: every operation checks a connection out of a small pool for its duration
+(:mod:`imageshare.store.sqlite`), all opened in WAL mode so that readers (status, queries)
+never wait for the writer. Writes use ``BEGIN IMMEDIATE`` so that concurrent writers queue on
 SQLite's lock (busy timeout) instead of failing half-way. ``synchronous=FULL`` makes a
 commit durable before it returns: the C-STORE response is sent only after that.
 """
@@ -135,20 +135,27 @@ class SqliteCatalog(SqliteDatabase):
     closed_error = CatalogError
     what = "the catalog"
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
-        super().__init__(path, busy_timeout=busy_timeout)
-        conn = self._conn()
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise CatalogError(f"{path} was written by a newer ImageShare (schema {version})")
-        # executescript commits on its own; every statement is idempotent (IF NOT EXISTS).
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0, max_connections: int = 8) -> None:
+        super().__init__(path, busy_timeout=busy_timeout, max_connections=max_connections)
+        with self._connection() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                self.close()
+                raise CatalogError(f"{path} was written by a newer ImageShare (schema {version})")
+            # executescript commits on its own; every statement is idempotent (IF NOT EXISTS).
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-    def reader(self) -> sqlite3.Connection:
-        """This thread's connection, for read-only queries kept in other modules (C-FIND).
-        Blocking: never call it on the reactor thread."""
-        return self._conn()
+    @contextmanager
+    def reader(self) -> Iterator[sqlite3.Connection]:
+        """
+        A connection for read-only queries kept in other modules (C-FIND), for the block.
+
+        Fetch every row inside the block: the connection goes back to the pool when it ends.
+        Blocking: never use it on the reactor thread.
+        """
+        with self._connection() as conn:
+            yield conn
 
     def record_instance(
         self, record: InstanceRecord, *, path: str, size: int, incoming: str, calling_aet: str
@@ -204,22 +211,24 @@ class SqliteCatalog(SqliteDatabase):
         return generation
 
     def get_instance(self, sop_instance_uid: str) -> InstanceRow | None:
-        row = self._conn().execute(
-            "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,"
-            " transfer_syntax_uid, path, size, generation, state, reason, incoming"
-            " FROM instances WHERE sop_instance_uid=?",
-            (sop_instance_uid,),
-        ).fetchone()
+        with self._connection() as c:
+            row = c.execute(
+                "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,"
+                " transfer_syntax_uid, path, size, generation, state, reason, incoming"
+                " FROM instances WHERE sop_instance_uid=?",
+                (sop_instance_uid,),
+            ).fetchone()
         if row is None:
             return None
         return InstanceRow(*row[:8], State(row[8]), *row[9:])  # type: ignore[misc]
 
     def pending(self, limit: int, exclude: Iterable[str] = ()) -> list[str]:
         skip = set(exclude)
-        rows = self._conn().execute(
-            "SELECT sop_instance_uid FROM instances WHERE state=? ORDER BY received_at LIMIT ?",
-            (State.PENDING.value, limit + len(skip)),
-        )
+        with self._connection() as c:
+            rows = c.execute(
+                "SELECT sop_instance_uid FROM instances WHERE state=? ORDER BY received_at LIMIT ?",
+                (State.PENDING.value, limit + len(skip)),
+            ).fetchall()
         return [uid for (uid,) in rows if uid not in skip][:limit]
 
     def complete(
@@ -249,48 +258,40 @@ class SqliteCatalog(SqliteDatabase):
         return True
 
     def frames(self, sop_instance_uid: str) -> list[FrameRecord]:
-        rows = self._conn().execute(
-            "SELECT frame_number, codestream_path, codestream_size, index_path, width, height, components,"
-            " precision, signed FROM frames WHERE sop_instance_uid=? ORDER BY frame_number",
-            (sop_instance_uid,),
-        ).fetchall()
+        with self._connection() as c:
+            rows = c.execute(
+                "SELECT frame_number, codestream_path, codestream_size, index_path, width, height, components,"
+                " precision, signed FROM frames WHERE sop_instance_uid=? ORDER BY frame_number",
+                (sop_instance_uid,),
+            ).fetchall()
         return [FrameRecord(*row[:8], bool(row[8])) for row in rows]  # type: ignore[misc]
 
     def counts(self) -> Counts:
-        c = self._conn()
-        by_state = dict(c.execute("SELECT state, COUNT(*) FROM instances GROUP BY state").fetchall())
-        return Counts(
-            instances=sum(by_state.values()),
-            frames=c.execute("SELECT COUNT(*) FROM frames").fetchone()[0],
-            transcode_pending=by_state.get(State.PENDING.value, 0),
-            transcode_failed=by_state.get(State.FAILED.value, 0),
-            not_streamable=by_state.get(State.NOT_STREAMABLE.value, 0),
-            streamable=by_state.get(State.STREAMABLE.value, 0),
-            not_image=by_state.get(State.NOT_IMAGE.value, 0),
-            studies=c.execute("SELECT COUNT(*) FROM studies").fetchone()[0],
-            series=c.execute("SELECT COUNT(*) FROM series").fetchone()[0],
-        )
+        with self._connection() as c:
+            by_state = dict(c.execute("SELECT state, COUNT(*) FROM instances GROUP BY state").fetchall())
+            return Counts(
+                instances=sum(by_state.values()),
+                frames=c.execute("SELECT COUNT(*) FROM frames").fetchone()[0],
+                transcode_pending=by_state.get(State.PENDING.value, 0),
+                transcode_failed=by_state.get(State.FAILED.value, 0),
+                not_streamable=by_state.get(State.NOT_STREAMABLE.value, 0),
+                streamable=by_state.get(State.STREAMABLE.value, 0),
+                not_image=by_state.get(State.NOT_IMAGE.value, 0),
+                studies=c.execute("SELECT COUNT(*) FROM studies").fetchone()[0],
+                series=c.execute("SELECT COUNT(*) FROM series").fetchone()[0],
+            )
 
     # -- study manifests (imageshare/manifests.py); one manifest service per catalog --------
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """One consistent snapshot for several SELECTs (WAL: writers go on meanwhile)."""
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
-
     def manifest_candidates(self, limit: int) -> list[tuple[str, float]]:
-        rows = self._conn().execute(
-            "SELECT s.study_instance_uid, s.updated_at FROM studies s"
-            " LEFT JOIN manifests m ON m.study_instance_uid = s.study_instance_uid AND m.current = 1"
-            " WHERE m.sop_instance_uid IS NULL OR s.updated_at > m.checked_at"
-            " ORDER BY s.updated_at LIMIT ?",
-            (limit,),
-        ).fetchall()
+        with self._connection() as c:
+            rows = c.execute(
+                "SELECT s.study_instance_uid, s.updated_at FROM studies s"
+                " LEFT JOIN manifests m ON m.study_instance_uid = s.study_instance_uid AND m.current = 1"
+                " WHERE m.sop_instance_uid IS NULL OR s.updated_at > m.checked_at"
+                " ORDER BY s.updated_at LIMIT ?",
+                (limit,),
+            ).fetchall()
         return [(uid, updated_at) for uid, updated_at in rows]
 
     def manifest_sources(self, study_instance_uid: str) -> ManifestSources | None:
@@ -370,7 +371,8 @@ class SqliteCatalog(SqliteDatabase):
             )
 
     def stale_manifests(self) -> list[str]:
-        rows = self._conn().execute("SELECT sop_instance_uid FROM manifests WHERE current=0").fetchall()
+        with self._connection() as c:
+            rows = c.execute("SELECT sop_instance_uid FROM manifests WHERE current=0").fetchall()
         return [uid for (uid,) in rows]
 
     def forget_manifest(self, sop_instance_uid: str) -> None:
@@ -378,19 +380,21 @@ class SqliteCatalog(SqliteDatabase):
             c.execute("DELETE FROM manifests WHERE sop_instance_uid=? AND current=0", (sop_instance_uid,))
 
     def manifest_count(self) -> int:
-        return int(self._conn().execute("SELECT COUNT(*) FROM manifests WHERE current=1").fetchone()[0])
+        with self._connection() as c:
+            return int(c.execute("SELECT COUNT(*) FROM manifests WHERE current=1").fetchone()[0])
 
     def current_manifests(self) -> list[tuple[str, str, str]]:
-        rows = self._conn().execute(
-            "SELECT m.study_instance_uid, m.sop_instance_uid, i.path FROM manifests m"
-            " JOIN instances i ON i.sop_instance_uid = m.sop_instance_uid"
-            " WHERE m.current = 1 ORDER BY m.built_at, m.sop_instance_uid"
-        ).fetchall()
+        with self._connection() as c:
+            rows = c.execute(
+                "SELECT m.study_instance_uid, m.sop_instance_uid, i.path FROM manifests m"
+                " JOIN instances i ON i.sop_instance_uid = m.sop_instance_uid"
+                " WHERE m.current = 1 ORDER BY m.built_at, m.sop_instance_uid"
+            ).fetchall()
         return [(str(study), str(uid), str(path)) for study, uid, path in rows]
 
     def remove_instance(self, sop_instance_uid: str) -> InstanceRow | None:
         with self._write() as c:
-            row = self.get_instance(sop_instance_uid)  # same connection: inside this transaction
+            row = self.get_instance(sop_instance_uid)  # nested: the same connection, inside this transaction
             if row is None:
                 return None
             c.execute("DELETE FROM frames WHERE sop_instance_uid=?", (sop_instance_uid,))

@@ -13,8 +13,9 @@ A C-FIND with more than ``limit`` matches is refused as a whole with 0xA700 (Out
 resources) and a comment asking to narrow it, rather than answered in part: a truncated
 list that ends in a failure is easy to take for the full answer.
 
-Blocking: these functions run SQL on the caller's connection (``catalog.reader()``), in
-pynetdicom's association threads, never on the reactor.
+Blocking: these functions run SQL on the caller's connection (``with catalog.reader() as
+conn``), in pynetdicom's association threads, never on the reactor. They fetch every row
+before they return, so the caller can hand the connection back before it sends responses.
 """
 
 from __future__ import annotations

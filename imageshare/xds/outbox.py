@@ -125,7 +125,7 @@ def _urn() -> str:
 
 class Outbox(SqliteDatabase):
     """
-    The outbox table. Thread-safe: each thread has its own connection.
+    The outbox table. Thread-safe: each operation checks a connection out of a small pool.
 
     Parameters
     ----------
@@ -135,8 +135,8 @@ class Outbox(SqliteDatabase):
 
     what = "the XDS outbox"
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
-        super().__init__(path, busy_timeout=busy_timeout)
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0, max_connections: int = 8) -> None:
+        super().__init__(path, busy_timeout=busy_timeout, max_connections=max_connections)
         with self._write() as conn:
             # One statement at a time: executescript would commit the transaction early.
             for statement in filter(str.strip, _SCHEMA.split(";")):
@@ -172,7 +172,7 @@ class Outbox(SqliteDatabase):
         replaces the study's last entry that is or will be registered before it.
         """
         with self._write() as conn:
-            known = {uid for (uid,) in conn.execute("SELECT manifest_uid FROM submissions")}
+            known = {uid for (uid,) in conn.execute("SELECT manifest_uid FROM submissions").fetchall()}
             added = []
             for study_uid, manifest_uid, path in current():
                 if manifest_uid in known:
@@ -210,34 +210,38 @@ class Outbox(SqliteDatabase):
 
     def get(self, manifest_uid: str) -> Submission | None:
         """The row of a manifest, if any."""
-        found = self._conn().execute(
-            f"SELECT {_COLUMNS} FROM submissions WHERE manifest_uid=?", (manifest_uid,)
-        ).fetchone()
+        with self._connection() as conn:
+            found = conn.execute(
+                f"SELECT {_COLUMNS} FROM submissions WHERE manifest_uid=?", (manifest_uid,)
+            ).fetchone()
         return _row(found) if found is not None else None
 
     def due(self, now: float, limit: int = 10) -> list[Submission]:
         """Pending rows whose time has come, oldest first; a study's rows one after the other."""
-        rows = self._conn().execute(
-            f"SELECT {_COLUMNS} FROM submissions AS s WHERE state=? AND next_attempt_at<=? AND NOT EXISTS"
-            " (SELECT 1 FROM submissions AS o WHERE o.study_uid=s.study_uid AND o.state=? AND o.id<s.id)"
-            " ORDER BY next_attempt_at, id LIMIT ?",
-            (State.PENDING.value, now, State.PENDING.value, limit),
-        ).fetchall()
+        with self._connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM submissions AS s WHERE state=? AND next_attempt_at<=? AND NOT EXISTS"
+                " (SELECT 1 FROM submissions AS o WHERE o.study_uid=s.study_uid AND o.state=? AND o.id<s.id)"
+                " ORDER BY next_attempt_at, id LIMIT ?",
+                (State.PENDING.value, now, State.PENDING.value, limit),
+            ).fetchall()
         return [_row(r) for r in rows]
 
     def next_due_at(self) -> float | None:
         """When the earliest pending row is due (``None``: nothing pending)."""
-        found = self._conn().execute(
-            "SELECT MIN(next_attempt_at) FROM submissions WHERE state=?", (State.PENDING.value,)
-        ).fetchone()
+        with self._connection() as conn:
+            found = conn.execute(
+                "SELECT MIN(next_attempt_at) FROM submissions WHERE state=?", (State.PENDING.value,)
+            ).fetchone()
         return None if found is None or found[0] is None else float(found[0])
 
     def replaced_entry(self, replaces_uid: str) -> str | None:
         """The entryUUID of a manifest's row if it is registered (what an RPLC points to)."""
-        found = self._conn().execute(
-            "SELECT entry_uuid FROM submissions WHERE manifest_uid=? AND state=?",
-            (replaces_uid, State.REGISTERED.value),
-        ).fetchone()
+        with self._connection() as conn:
+            found = conn.execute(
+                "SELECT entry_uuid FROM submissions WHERE manifest_uid=? AND state=?",
+                (replaces_uid, State.REGISTERED.value),
+            ).fetchone()
         return None if found is None else str(found[0])
 
     def prepare(self, id_: int, *, replaces: str | None, content_type: str, body: bytes, now: float) -> None:
@@ -292,7 +296,9 @@ class Outbox(SqliteDatabase):
     def counts(self) -> dict[State, int]:
         """Rows per state (every state present)."""
         out = {state: 0 for state in State}
-        for state, count in self._conn().execute("SELECT state, COUNT(*) FROM submissions GROUP BY state"):
+        with self._connection() as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM submissions GROUP BY state").fetchall()
+        for state, count in rows:
             out[State(state)] = int(count)
         return out
 

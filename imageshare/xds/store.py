@@ -116,9 +116,10 @@ class XdsStore(SqliteDatabase):
     closed_error = XdsStoreError
     what = "the XDS store"
 
-    def __init__(self, path: Path, *, busy_timeout: float = 30.0) -> None:
-        super().__init__(path, busy_timeout=busy_timeout)
-        self._conn().executescript(_SCHEMA)
+    def __init__(self, path: Path, *, busy_timeout: float = 30.0, max_connections: int = 8) -> None:
+        super().__init__(path, busy_timeout=busy_timeout, max_connections=max_connections)
+        with self._connection() as c:
+            c.executescript(_SCHEMA)
 
     # ------------------------------------------------------------------ writes
 
@@ -243,18 +244,20 @@ class XdsStore(SqliteDatabase):
 
     def document(self, unique_id: str) -> tuple[str, str, bytes] | None:
         """(repositoryUniqueId, mimeType, bytes) of a stored document, or ``None``."""
-        row = self._conn().execute(
-            "SELECT repository_unique_id, mime_type, data FROM documents WHERE unique_id=?", (unique_id,)
-        ).fetchone()
+        with self._connection() as c:
+            row = c.execute(
+                "SELECT repository_unique_id, mime_type, data FROM documents WHERE unique_id=?", (unique_id,)
+            ).fetchone()
         return (row[0], row[1], bytes(row[2])) if row else None
 
     def find_entries(self, patient_id: str, statuses: Sequence[str]) -> list[tuple[EntryRecord, str]]:
         """The entries of a patient with one of ``statuses``, with their status."""
         marks = ",".join("?" * len(statuses))
-        rows = self._conn().execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE patient_id=? AND status IN ({marks}) ORDER BY rowid",
-            (patient_id, *statuses),
-        ).fetchall()
+        with self._connection() as c:
+            rows = c.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE patient_id=? AND status IN ({marks}) ORDER BY rowid",
+                (patient_id, *statuses),
+            ).fetchall()
         return [(_entry(row), row[-1]) for row in rows]
 
     def entries(self, *, uuids: Sequence[str] = (), unique_ids: Sequence[str] = ()) -> list[tuple[EntryRecord, str]]:
@@ -263,9 +266,10 @@ class XdsStore(SqliteDatabase):
         if not keys:
             return []
         marks = ",".join("?" * len(keys))
-        rows = self._conn().execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE {column} IN ({marks}) ORDER BY rowid", tuple(keys)
-        ).fetchall()
+        with self._connection() as c:
+            rows = c.execute(
+                f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE {column} IN ({marks}) ORDER BY rowid", tuple(keys)
+            ).fetchall()
         return [(_entry(row), row[-1]) for row in rows]
 
     def submission_sets_of(self, entry_uuids: Sequence[str]) -> tuple[list[tuple[bytes, str]], list[tuple[bytes, str]]]:
@@ -273,26 +277,26 @@ class XdsStore(SqliteDatabase):
         if not entry_uuids:
             return [], []
         marks = ",".join("?" * len(entry_uuids))
-        c = self._conn()
-        associations = c.execute(
-            f"SELECT xml, status, source FROM associations WHERE type=? AND target IN ({marks}) ORDER BY rowid",
-            (md.HAS_MEMBER, *entry_uuids),
-        ).fetchall()
-        sources = list(dict.fromkeys(row[2] for row in associations))
         sets = []
-        for source in sources:
-            row = c.execute("SELECT xml, status FROM submission_sets WHERE entry_uuid=?", (source,)).fetchone()
-            if row is not None:
-                sets.append((bytes(row[0]), row[1]))
+        with self._connection() as c:
+            associations = c.execute(
+                f"SELECT xml, status, source FROM associations WHERE type=? AND target IN ({marks}) ORDER BY rowid",
+                (md.HAS_MEMBER, *entry_uuids),
+            ).fetchall()
+            sources = list(dict.fromkeys(row[2] for row in associations))
+            for source in sources:
+                row = c.execute("SELECT xml, status FROM submission_sets WHERE entry_uuid=?", (source,)).fetchone()
+                if row is not None:
+                    sets.append((bytes(row[0]), row[1]))
         return sets, [(bytes(row[0]), row[1]) for row in associations]
 
     def counts(self) -> dict[str, int]:
         """Numbers of documents, entries and submission sets (for status and tests)."""
-        c = self._conn()
-        return {
-            table: c.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-            for table in ("documents", "entries", "submission_sets", "patients")
-        }
+        with self._connection() as c:
+            return {
+                table: c.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+                for table in ("documents", "entries", "submission_sets", "patients")
+            }
 
 
 _ENTRY_COLUMNS = (

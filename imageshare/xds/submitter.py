@@ -29,10 +29,10 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
-from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
 
 from imageshare.config import XdsConfig
+from imageshare.logsafe import Logger
 from imageshare.xds import mtom, safexml, soap
 from imageshare.xds.affinity import DICOM_MIME_TYPE, AffinityDomainError, PatientIdError
 from imageshare.xds.metadata import ManifestInfo, MetadataError, provide_and_register
@@ -145,9 +145,10 @@ class RequestBuilder:
         return content_type, body
 
     def _study_codes(self, study_uid: str) -> tuple[list[str], list[str]]:
-        rows = self._catalog.reader().execute(
-            "SELECT DISTINCT modality, body_part_examined FROM series WHERE study_instance_uid=?", (study_uid,)
-        ).fetchall()
+        with self._catalog.reader() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT modality, body_part_examined FROM series WHERE study_instance_uid=?", (study_uid,)
+            ).fetchall()
         modalities = sorted({str(m) for m, _ in rows if m and m not in ("KO", "SR", "PR")})
         body_parts = sorted({str(b) for _, b in rows if b})
         return modalities, body_parts

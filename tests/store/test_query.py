@@ -75,8 +75,9 @@ def identifier(level: str, **keys: Any) -> Dataset:
 
 
 def find(catalog: SqliteCatalog, model: str, ds: Dataset, **kw: Any) -> list[Dataset]:
-    result = query.find(catalog.reader(), model, ds, retrieve_ae_title="IMAGESHARE", **kw)
-    return list(result.responses)
+    with catalog.reader() as conn:
+        result = query.find(conn, model, ds, retrieve_ae_title="IMAGESHARE", **kw)
+    return list(result.responses)  # made from rows fetched inside the block
 
 
 def test_patient_level_with_wildcard_name(catalog: SqliteCatalog) -> None:
@@ -113,8 +114,9 @@ def test_study_root_study_level(catalog: SqliteCatalog) -> None:
 
 def test_unsupported_keys_are_reported(catalog: SqliteCatalog) -> None:
     """Keys the catalog does not hold are listed, so the SCP can answer Pending 0xFF01."""
-    result = query.find(catalog.reader(), STUDY_ROOT, identifier("STUDY", StudyInstanceUID="", OperatorsName=""),
-                        retrieve_ae_title="X")
+    with catalog.reader() as conn:
+        result = query.find(conn, STUDY_ROOT, identifier("STUDY", StudyInstanceUID="", OperatorsName=""),
+                            retrieve_ae_title="X")
     assert result.unsupported == ("OperatorsName",)
 
 
@@ -196,26 +198,26 @@ def test_character_sets(catalog: SqliteCatalog) -> None:
 
 def test_resolve_by_unique_keys(catalog: SqliteCatalog) -> None:
     """Retrieves select instances by the unique keys of the level and those above it."""
-    conn = catalog.reader()
-    study = query.resolve(conn, STUDY_ROOT, identifier("STUDY", StudyInstanceUID="1.1\\2.1"))
-    assert [m.sop_instance_uid for m in study] == ["1.1.1.1", "1.1.1.2", "1.1.2.1", "1.1.2.2", "2.1.1.1", "2.1.1.2"]
-    assert study[0].path == "objects/1.1.1.1.dcm" and study[0].state is State.PENDING
-    patient = query.resolve(conn, PATIENT_ROOT, identifier("PATIENT", PatientID="P1"))
-    assert len(patient) == 6
-    image = query.resolve(conn, STUDY_ROOT, identifier("IMAGE", StudyInstanceUID="1.1", SeriesInstanceUID="1.1.2",
-                                                       SOPInstanceUID="1.1.2.2", PatientName="ignored*"))
-    assert [(m.sop_instance_uid, m.sop_class_uid) for m in image] == [("1.1.2.2", MR)]
-    for model, ds in [
-        (STUDY_ROOT, identifier("STUDY", StudyInstanceUID="")),  # universal at the retrieve level
-        (PATIENT_ROOT, identifier("STUDY", StudyInstanceUID="1.1")),  # PatientID missing
-        (STUDY_ROOT, identifier("SERIES", SeriesInstanceUID="1.1.1")),
-    ]:
+    with catalog.reader() as conn:
+        study = query.resolve(conn, STUDY_ROOT, identifier("STUDY", StudyInstanceUID="1.1\\2.1"))
+        assert [m.sop_instance_uid for m in study] == ["1.1.1.1", "1.1.1.2", "1.1.2.1", "1.1.2.2", "2.1.1.1", "2.1.1.2"]
+        assert study[0].path == "objects/1.1.1.1.dcm" and study[0].state is State.PENDING
+        patient = query.resolve(conn, PATIENT_ROOT, identifier("PATIENT", PatientID="P1"))
+        assert len(patient) == 6
+        image = query.resolve(conn, STUDY_ROOT, identifier("IMAGE", StudyInstanceUID="1.1", SeriesInstanceUID="1.1.2",
+                                                           SOPInstanceUID="1.1.2.2", PatientName="ignored*"))
+        assert [(m.sop_instance_uid, m.sop_class_uid) for m in image] == [("1.1.2.2", MR)]
+        for model, ds in [
+            (STUDY_ROOT, identifier("STUDY", StudyInstanceUID="")),  # universal at the retrieve level
+            (PATIENT_ROOT, identifier("STUDY", StudyInstanceUID="1.1")),  # PatientID missing
+            (STUDY_ROOT, identifier("SERIES", SeriesInstanceUID="1.1.1")),
+        ]:
+            with pytest.raises(QueryError) as e:
+                query.resolve(conn, model, ds)
+            assert e.value.status == 0xA900
         with pytest.raises(QueryError) as e:
-            query.resolve(conn, model, ds)
-        assert e.value.status == 0xA900
-    with pytest.raises(QueryError) as e:
-        query.resolve(conn, STUDY_ROOT, identifier("STUDY", StudyInstanceUID="1.1"), limit=3)
-    assert e.value.status == 0xA701
+            query.resolve(conn, STUDY_ROOT, identifier("STUDY", StudyInstanceUID="1.1"), limit=3)
+        assert e.value.status == 0xA701
 
 
 def wire(ds: Dataset, implicit: bool = False) -> Dataset:

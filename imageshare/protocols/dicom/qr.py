@@ -39,12 +39,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
-from twisted.logger import Logger
 
 from imageshare.config import DicomDestination
 from imageshare.dicom import derived
 from imageshare.endpoints import parse_dicom_endpoint
 from imageshare.interfaces import ICatalog
+from imageshare.logsafe import Logger
 from imageshare.store import query
 from imageshare.store.archive import Archive
 from imageshare.store.query import QueryError
@@ -197,13 +197,16 @@ class QueryRetrieveSCP:
         sent = 0
         try:
             model = self._model(event)
-            result = query.find(
-                self._catalog.reader(),  # type: ignore[attr-defined]
-                model,
-                _identifier(event),
-                retrieve_ae_title=self._ae_title,
-                limit=self._max_find_results,
-            )
+            # The rows are fetched inside the block: the connection goes back to the pool
+            # before the responses are sent.
+            with self._catalog.reader() as conn:  # type: ignore[attr-defined]
+                result = query.find(
+                    conn,
+                    model,
+                    _identifier(event),
+                    retrieve_ae_title=self._ae_title,
+                    limit=self._max_find_results,
+                )
             pending = PENDING_WARNING if result.unsupported else PENDING
             for response in result.responses:
                 if event.is_cancelled:
@@ -228,7 +231,8 @@ class QueryRetrieveSCP:
     # -- C-GET and C-MOVE --------------------------------------------------------------
 
     def _resolve(self, event: Any) -> list[query.Match]:
-        return query.resolve(self._catalog.reader(), self._model(event), _identifier(event))  # type: ignore[attr-defined]
+        with self._catalog.reader() as conn:  # type: ignore[attr-defined]
+            return query.resolve(conn, self._model(event), _identifier(event))
 
     def get(self, event: Any) -> Iterator[Any]:
         peer = _peer(event)
