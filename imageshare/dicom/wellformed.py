@@ -22,23 +22,73 @@ _SEQ_END = 0xFFFEE0DD
 # Explicit VRs whose length field is 4 bytes after 2 reserved bytes (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _MAX_DEPTH = 64
-_MAX_INFLATED = 1 << 34  # 16 GiB: refuse deflate bombs
+#: Inflated size allowed when the caller gives none: the largest max_object_size the
+#: configuration accepts, so that anything once received can be read back.
+MAX_INFLATED = 1 << 36
+_IN_CHUNK = 1 << 16  # compressed bytes handed to zlib at a time
+_OUT_CHUNK = 1 << 20  # inflated bytes asked of zlib at a time
 
 
 class MalformedDataset(ValueError):
     """The encoded data set is truncated or structurally invalid."""
 
 
-def inflate(data: bytes | memoryview) -> bytes:
-    """Inflate a Deflated Explicit VR Little Endian data set (raw deflate, PS3.5 A.5)."""
+class InflatedTooLarge(ValueError):
+    """A deflated data set inflates to more than the limit it was given."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the data set inflates to more than {limit} bytes")
+        self.limit = limit
+
+
+def inflate(data: bytes | memoryview, limit: int = MAX_INFLATED) -> bytes:
+    """Inflate a Deflated Explicit VR Little Endian data set; see :func:`inflate_buffer`."""
+    return bytes(inflate_buffer(data, limit))
+
+
+def inflate_buffer(data: bytes | memoryview, limit: int = MAX_INFLATED) -> bytearray:
+    """
+    Inflate a Deflated Explicit VR Little Endian data set (raw deflate, PS3.5 A.5).
+
+    The stream is inflated a piece at a time, so a deflate bomb costs at most ``limit``
+    bytes (plus one piece) before it is refused: 2 MB of input can claim 2 GiB. The
+    result is the buffer it grew in, without the copy :func:`inflate` makes into bytes.
+
+    Raises
+    ------
+    InflatedTooLarge
+        More than ``limit`` bytes would come out.
+    MalformedDataset
+        The stream is corrupt or ends early.
+    """
     d = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    view = memoryview(data).cast("B")
     try:
-        out = d.decompress(data, _MAX_INFLATED)
+        for start in range(0, len(view), _IN_CHUNK):
+            pending: bytes | memoryview = view[start : start + _IN_CHUNK]
+            while True:
+                asked = min(_OUT_CHUNK, limit - len(out) + 1)  # one byte over the limit tells
+                piece = d.decompress(pending, asked)
+                out += piece
+                if len(out) > limit:
+                    raise InflatedTooLarge(limit)
+                before, pending = len(pending), d.unconsumed_tail
+                # Done with this input once zlib kept none of it and had no more output
+                # than asked; a full answer may mean more output is waiting.
+                if d.eof or (not pending and len(piece) < asked):
+                    break
+                if not piece and len(pending) == before:
+                    raise MalformedDataset("deflate stream makes no progress")
+            if d.eof:
+                break
         out += d.flush()
     except zlib.error as e:
         raise MalformedDataset(f"deflate stream is corrupt: {e}") from None
+    if len(out) > limit:
+        raise InflatedTooLarge(limit)
     if not d.eof:
-        raise MalformedDataset("deflate stream is truncated or too large")
+        raise MalformedDataset("deflate stream is truncated")
     return out
 
 

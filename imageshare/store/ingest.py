@@ -18,7 +18,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from imageshare.dicom.attributes import CATALOG_TAGS, extract_raw
 from imageshare.dicom.filemeta import encode_file_meta
 from imageshare.dicom.uids import is_valid_uid
-from imageshare.dicom.wellformed import MalformedDataset, check_dataset, inflate
+from imageshare.dicom.wellformed import InflatedTooLarge, MalformedDataset, check_dataset, inflate_buffer
 from imageshare.interfaces import ICatalog
 from imageshare.store.archive import Archive
 from imageshare.store.records import InstanceRecord
@@ -27,6 +27,9 @@ from imageshare.store.records import InstanceRecord
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+
+#: The default ``max_object_size``, as in ``[dicom]``.
+DEFAULT_MAX_OBJECT_SIZE = 1 << 30
 
 
 class IngestError(Exception):
@@ -49,11 +52,31 @@ class Stored:
 
 
 class Ingestor:
-    """Checks, archives and catalogs received instances."""
+    """
+    Checks, archives and catalogs received instances.
 
-    def __init__(self, archive: Archive, catalog: ICatalog, *, stripes: int = 64) -> None:
+    Parameters
+    ----------
+    archive, catalog
+        Where instances go.
+    max_object_size
+        Largest data set stored, in bytes; a deflated one counts inflated (``[dicom]
+        max_object_size``). Larger ones are refused with Out of Resources.
+    stripes
+        Lock stripes, see below.
+    """
+
+    def __init__(
+        self,
+        archive: Archive,
+        catalog: ICatalog,
+        *,
+        max_object_size: int = DEFAULT_MAX_OBJECT_SIZE,
+        stripes: int = 64,
+    ) -> None:
         self._archive = archive
         self._catalog = catalog
+        self.max_object_size = max_object_size
         # Two associations sending the same instance at once must publish in the order
         # they committed, or the file and the catalog would disagree: lock per UID stripe.
         self._locks = [threading.Lock() for _ in range(stripes)]
@@ -72,13 +95,20 @@ class Ingestor:
         ts = UID(transfer_syntax)
         if not ts.is_transfer_syntax:
             raise IngestError(CANNOT_UNDERSTAND, f"unknown transfer syntax {transfer_syntax}")
-        plain = dataset
+        # Our limit, not a fault of the data set: Out of Resources (PS3.4 B.2.3).
+        too_large = IngestError(OUT_OF_RESOURCES, f"data set larger than {self.max_object_size} bytes")
+        if len(dataset) > self.max_object_size:
+            raise too_large
+        plain: bytes | memoryview = dataset
         try:
             if ts == DeflatedExplicitVRLittleEndian:
-                plain = inflate(dataset)
+                # Inflated piece by piece: a deflate bomb is refused at the limit.
+                plain = memoryview(inflate_buffer(dataset, self.max_object_size))
             found = check_dataset(
                 plain, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian, wanted=CATALOG_TAGS
             )
+        except InflatedTooLarge:
+            raise too_large from None
         except MalformedDataset as e:
             raise IngestError(CANNOT_UNDERSTAND, f"malformed data set: {e}") from None
         return extract_raw(

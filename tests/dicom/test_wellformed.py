@@ -12,7 +12,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
 from tests.helpers import sample_file
-from imageshare.dicom.wellformed import MalformedDataset, check_dataset, inflate
+from imageshare.dicom.wellformed import InflatedTooLarge, MalformedDataset, check_dataset, inflate
 
 SAMPLES = [
     "CT_small.dcm",  # explicit little endian
@@ -143,3 +143,51 @@ def test_deflate_expansion() -> None:
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     payload = c.compress(b"\x00" * (1 << 20)) + c.flush()
     assert len(inflate(payload)) == 1 << 20
+
+
+def _deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
+
+
+def test_inflate_limit_is_exact() -> None:
+    """A stream inflating to exactly the limit passes; one byte more is refused."""
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    stream = _deflate(payload)
+    assert inflate(stream, len(payload)) == payload
+    with pytest.raises(InflatedTooLarge) as info:
+        inflate(stream, len(payload) - 1)
+    assert info.value.limit == len(payload) - 1
+
+
+def test_deflate_bomb_is_refused_holding_no_more_than_the_limit() -> None:
+    """A 64 MiB bomb against a 1 MiB limit is refused, and the inflation never allocates
+    much more than the limit (tracemalloc peak under 4 MiB)."""
+    import tracemalloc
+
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = b"".join(c.compress(bytes(1 << 20)) for _ in range(64)) + c.flush()
+    assert len(bomb) < 128 << 10
+    tracemalloc.start()
+    try:
+        with pytest.raises(InflatedTooLarge):
+            inflate(bomb, 1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+
+
+@given(st.binary(max_size=5000), st.integers(0, 6000), st.integers(1, 64))
+def test_inflate_limit_property(data: bytes, limit: int, cut: int) -> None:
+    """Any payload inflates in full when the limit allows it and is refused otherwise; a cut
+    stream is never mistaken for a complete one."""
+    stream = _deflate(data)
+    if len(data) <= limit:
+        assert inflate(stream, limit) == data
+    else:
+        with pytest.raises(InflatedTooLarge):
+            inflate(stream, limit)
+    if cut < len(stream):
+        with pytest.raises((MalformedDataset, InflatedTooLarge)):
+            inflate(stream[:-cut], limit)

@@ -12,6 +12,7 @@ from imageshare.store.catalog import SqliteCatalog
 from imageshare.store.ingest import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
     IngestError,
     Ingestor,
 )
@@ -85,6 +86,42 @@ def test_refusals_store_nothing(ingestor) -> None:
     assert catalog.counts().instances == 0
     assert list((root / "archive" / "incoming").iterdir()) == []
     assert list((root / "archive" / "objects").iterdir()) == []
+
+
+def _deflated_with_padding(name: str, padding: int) -> tuple[bytes, str, str, str]:
+    """A deflated data set: the file's own elements, then a private OB of ``padding`` zeros."""
+    import struct
+    import zlib
+
+    data, _, cls, sop = wire_dataset(sample_file(name))
+    plain = (
+        data
+        + struct.pack("<HH2sH", 0x7FE1, 0x0010, b"LO", 4) + b"TEST"
+        + struct.pack("<HH2sHL", 0x7FE1, 0x1010, b"OB", 0, padding) + bytes(padding)
+    )
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return c.compress(plain) + c.flush(), "1.2.840.10008.1.2.1.99", cls, sop
+
+
+def test_object_size_limit(tmp_path: Path) -> None:
+    """Past max_object_size a data set is refused with Out of Resources, a deflated one counted
+    inflated (a 33 KiB stream inflating to 8 MiB); one within the limit is stored."""
+    catalog = SqliteCatalog(tmp_path / "c.db")
+    try:
+        ing = Ingestor(Archive(tmp_path / "archive"), catalog, max_object_size=1 << 20)
+        bomb, ts, cls, sop = _deflated_with_padding("CT_small.dcm", 8 << 20)
+        assert len(bomb) < 64 << 10
+        e = _refused(ing, bomb, ts, cls, sop)
+        assert e.status == OUT_OF_RESOURCES and "larger than 1048576 bytes" in e.comment
+        data, plain_ts, cls, sop = wire_dataset(sample_file("CT_small.dcm"))
+        e = _refused(ing, data + bytes(1 << 20), plain_ts, cls, sop)
+        assert e.status == OUT_OF_RESOURCES
+        assert catalog.counts().instances == 0
+        fits, ts, cls, sop = _deflated_with_padding("CT_small.dcm", 500 << 10)
+        stored = ing.store(fits, transfer_syntax=ts, sop_class_uid=cls, sop_instance_uid=sop, calling_aet="X")
+        assert stored.record.sop_instance_uid == sop
+    finally:
+        catalog.close()
 
 
 def test_missing_sop_instance_uid(ingestor) -> None:

@@ -2,7 +2,9 @@
 The DICOM listener: pynetdicom's association server, owned by a Twisted service.
 
 pynetdicom brings its own socket server and thread per association, so Twisted does not
-host the socket; this service only starts and stops it. Binding happens synchronously in
+host the socket; this service only starts and stops it. The server is
+:class:`~.server.GuardedAssociationServer`, pynetdicom's with our bounds on connections,
+negotiation time and PDU sizes (issue 10). Binding happens synchronously in
 :meth:`startService` (fast, and a failure to bind should stop start-up); shutting down
 blocks while associations finish, so it runs on a thread.
 
@@ -15,8 +17,9 @@ instances sent to us never accept JPIP Referenced: we store no header-only objec
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
@@ -52,13 +55,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
-from imageshare.logsafe import Logger
 
 from imageshare.config import DicomConfig
 from imageshare.endpoints import parse_dicom_endpoint
 from imageshare.dicom.derived import JPIP_REFERENCED
+from imageshare.logsafe import Logger
 from imageshare.protocols.dicom.handlers import StoreHandler, event_handlers
 from imageshare.protocols.dicom.qr import QueryRetrieveSCP
+from imageshare.protocols.dicom.server import GuardedAssociationServer
 
 _NATIVE = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
 _COMPRESSED = [
@@ -141,13 +145,15 @@ class DicomListenerService(Service):
         self._config_dir = config_dir
         self._endpoint = parse_dicom_endpoint(config.listen)
         self._ae: AE | None = None
-        self._server: Any = None
+        self._server: GuardedAssociationServer | None = None
         self.port: int | None = None
 
     def _make_ae(self) -> AE:
         c = self._config
         ae = AE(ae_title=c.ae_title)
         ae.maximum_pdu_size = c.max_pdu
+        # The server admits at most this many connections, so pynetdicom's own check
+        # (after negotiation, "Local Limit Exceeded") never fires before ours.
         ae.maximum_associations = c.max_associations
         ae.acse_timeout = c.acse_timeout
         ae.dimse_timeout = c.dimse_timeout
@@ -167,6 +173,13 @@ class DicomListenerService(Service):
                 ae.add_supported_context(abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         return ae
 
+    def connections(self, address: str | None = None) -> int:
+        """Connections open now, in total or from ``address``; 0 when stopped."""
+        server = self._server
+        if server is None:
+            return 0
+        return server.connections if address is None else server.connections_from(address)
+
     def _event_handlers(self) -> list[tuple[Any, Any]]:
         handlers = event_handlers(self._store_handler)
         if self._query_retrieve is not None:
@@ -176,13 +189,20 @@ class DicomListenerService(Service):
     def startService(self) -> None:
         ep = self._endpoint
         self._ae = self._make_ae()
-        self._server = self._ae.start_server(
-            (ep.interface, ep.port),
-            block=False,
-            evt_handlers=self._event_handlers(),
-            ssl_context=ep.ssl_context(self._config_dir),
+        # make_server, not start_server: only it takes our server class.
+        server = self._server = cast(
+            GuardedAssociationServer,
+            self._ae.make_server(
+                (ep.interface, ep.port),
+                evt_handlers=self._event_handlers(),
+                ssl_context=ep.ssl_context(self._config_dir),
+                server_class=GuardedAssociationServer,
+                config=self._config,
+                backlog=ep.backlog,
+            ),
         )
-        self.port = self._server.server_address[1]
+        self.port = server.server_address[1]
+        threading.Thread(target=server.serve_forever, name=f"DicomAcceptor@{self.port}", daemon=True).start()
         super().startService()
         self.log.info(
             "DICOM listener {ae_title} listening on {interface}:{port} ({transport})",
