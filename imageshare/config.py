@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 
 import attrs
 
-from imageshare.endpoints import EndpointError, parse_dicom_endpoint
+from imageshare.endpoints import EndpointError, check_server_endpoint, parse_dicom_endpoint
 from imageshare.xds.affinity import AffinityDomain, AffinityDomainError, Code, is_oid
 
 T = TypeVar("T")
@@ -231,17 +231,25 @@ def _ae_list(text: str) -> tuple[str, ...]:
     return tuple(_ae_title(t) for t in items)
 
 
-def _http_endpoint(text: str) -> str:
-    # The full check happens when Twisted builds the endpoint; here we only refuse what
-    # can never work, so that the message names the key.
-    if not re.match(r"^(tcp|tcp6|ssl|unix):", text.strip()):
-        raise ValueError(f"expected a strports endpoint such as tcp:8080:interface=127.0.0.1, got {text!r}")
-    return text.strip()
+def _http_endpoint(base: Path) -> Callable[[str], str]:
+    """A parser of HTTP/JPIP aux listener descriptions whose files resolve against ``base``."""
+
+    def parse(text: str) -> str:
+        # Everything is checked now, keys and certificates loaded: a bad value is one
+        # line naming the key, never a traceback when the listener is built.
+        try:
+            check_server_endpoint(text, base)
+        except EndpointError as e:
+            raise ValueError(str(e)) from None
+        return text.strip()
+
+    return parse
 
 
-def _optional_endpoint(text: str) -> str | None:
+def _optional_endpoint(base: Path) -> Callable[[str], str | None]:
     # Empty switches the listener off.
-    return _http_endpoint(text) if text.strip() else None
+    parse = _http_endpoint(base)
+    return lambda text: parse(text) if text.strip() else None
 
 
 def _dicom_endpoint(text: str) -> str:
@@ -353,7 +361,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             max_object_size=r.get("dicom", "max_object_size", "1073741824", _int_range(1 << 16, 1 << 36)),
         ),
         http=HttpConfig(
-            listen=r.get("http", "listen", "tcp:8080:interface=127.0.0.1", _http_endpoint),
+            listen=r.get("http", "listen", "tcp:8080:interface=127.0.0.1", _http_endpoint(base)),
             public_url=public_url,
             request_log=r.get("http", "request_log", "no", _bool),
             max_connections=r.get("http", "max_connections", "512", _int_range(1, 100_000)),
@@ -379,7 +387,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             chunked=r.get("jpip", "chunked", "yes", _bool),
             cors_origins=r.get("jpip", "cors_origins", "", _origins),
             target_cache=r.get("jpip", "target_cache", "64", _int_range(1, 100_000)),
-            tcp_listen=r.get("jpip", "tcp_listen", "tcp:8081:interface=127.0.0.1", _optional_endpoint),
+            tcp_listen=r.get("jpip", "tcp_listen", "tcp:8081:interface=127.0.0.1", _optional_endpoint(base)),
             tcp_window=r.get("jpip", "tcp_window", "1048576", _int_range(65535, 1 << 30)),
             tcp_attach_timeout=r.get("jpip", "tcp_attach_timeout", "30", _seconds),
             max_sessions_per_client=r.get("jpip", "max_sessions_per_client", "100", _int_range(1, 1_000_000)),

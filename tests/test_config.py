@@ -53,6 +53,11 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
         ("dicom", "dimse_timeout", "soon"),
         ("dicom", "allowed_calling_aets", "GOOD, BAD\\ONE"),
         ("http", "listen", "8080"),
+        ("http", "listen", "tcp:http"),
+        ("http", "listen", "tcp:8080:caCerts=ca.pem"),
+        ("http", "listen", "ssl:8443:privateKey=missing.key:caCerts=missing.pem"),
+        ("jpip", "tcp_listen", "tcp:70000"),
+        ("jpip", "tcp_listen", "ssl:8081:privateKey=missing.key"),
         ("http", "public_url", "ftp://example"),
         ("http", "public_url", "http://host/path?query"),
         ("http", "request_log", "maybe"),
@@ -117,3 +122,23 @@ def test_manifest_and_destinations(config_file) -> None:  # type: ignore[no-unty
                 {"manifest": {"retrieve_location_uid": "1.2.x"}}, {"manifest": {"bogus": "1"}}):
         with pytest.raises(ConfigError):
             load(config_file(**bad))
+
+
+def test_listener_ca_certs_are_checked_against_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[http] listen and [jpip] tcp_listen take caCerts; relative names resolve like data_dir,
+    and a missing CA file is one line naming the key."""
+    from tests.integration.test_tls import make_cert
+
+    ca = make_cert(tmp_path, "ca", ca=True)
+    make_cert(tmp_path, "server", issuer=ca)
+    monkeypatch.chdir("/")
+    listen = "ssl:0:interface=127.0.0.1:privateKey=server.key:certKey=server.crt:caCerts=ca.crt"
+    f = tmp_path / "tls.ini"
+    f.write_text(f"[http]\nlisten = {listen}\n[jpip]\ntcp_listen = {listen}\n")
+    c = load(f)
+    assert c.http.listen == listen and c.jpip.tcp_listen == listen
+    f.write_text(f"[http]\nlisten = {listen.replace('ca.crt', 'other-ca.crt')}\n")
+    with pytest.raises(ConfigError) as info:
+        load(f)
+    message = str(info.value)
+    assert message.startswith("[http] listen: caCerts: no such file") and "\n" not in message

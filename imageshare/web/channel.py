@@ -1,5 +1,6 @@
 """
-An HTTP/1.1 channel that hears of every request as soon as its bytes are in.
+An HTTP/1.1 channel that hears of every request as soon as its bytes are in, and bounds
+what receiving a request may cost.
 
 Twisted's ``HTTPChannel`` answers pipelined requests one at a time: while a response
 streams, the next request waits unparsed in a buffer. JPIP pre-emption (a newer request
@@ -8,6 +9,20 @@ streams. This channel runs every inbound byte through a :class:`RequestScanner` 
 Twisted sees it, numbers each request when its request line arrives, and tells the site
 of each complete request; Twisted then serves them exactly as before, so the rest of the
 web tree does not notice.
+
+Bounds (:class:`~imageshare.web.limits.HttpLimits`, from the site):
+
+- a request body over the limit of its path gets 413 at once, from its ``Content-Length``
+  before any of it is read (and instead of ``100 Continue``), or as soon as a chunked body
+  passes the limit; nothing more of it is kept, and the connection closes once what the
+  client still sends is discarded (bounded in time and bytes; at once after ``Expect``);
+- the request line and headers must arrive within ``header_timeout`` of the request's
+  first byte, the body within ``body_timeout`` of the headers; otherwise 408 and close.
+  Twisted's own idle timeout restarts on every byte, which keeps a trickling client
+  forever, so it is off and these deadlines replace it;
+- a connection with no request in progress closes after ``idle_timeout``.
+
+None of them runs while a request is being answered: a long JPIP stream is never cut.
 """
 
 from __future__ import annotations
@@ -15,22 +30,59 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from imageshare.logsafe import Logger
+from twisted.internet.interfaces import IDelayedCall
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request
 
+from imageshare.logsafe import Logger
+from imageshare.web.clients import address_key
 from imageshare.web.pipeline import RequestScanner, RequestStarted, ScannedRequest
 
 log = Logger(namespace="imageshare.http")
 
 _SEND_LIMIT = 1 << 20
 
+# After a 413 the connection lingers so that a client still sending its body (one that
+# reads only once it has sent everything, as urllib does) gets to read the answer instead
+# of a broken pipe: further bytes are discarded unread into nothing, for at most this long
+# and this much, and the connection closes as soon as a declared body is all in.
+_LINGER_SECONDS = 10.0
+_LINGER_BYTES = 256 << 20
+
+#: The ``Server`` header of every response: no product versions for a scanner to match.
+SERVER = b"ImageShare"
+
+# What the channel is waiting for; a deadline runs in every phase but the last.
+_IDLE = "idle"  # the next request (no byte of it yet)
+_HEAD = "head"  # the rest of a request line and headers
+_BODY = "body"  # the rest of a body
+_ANSWERING = "answering"  # Twisted has the request: no receive deadline
+
+
+def plain_response(status: int, reason: bytes, text: bytes) -> bytes:
+    """A whole ``Connection: close`` response with a short text body, for the channel's own answers."""
+    return (
+        b"HTTP/1.1 %d %s\r\n"
+        b"Server: %s\r\n"
+        b"Connection: close\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\n"
+        b"\r\n" % (status, reason, SERVER, len(text))
+    ) + text
+
 
 class ScanningHTTPChannel(HTTPChannel):
-    """``HTTPChannel`` plus early notice of (pipelined) requests; see the module docstring."""
+    """``HTTPChannel`` plus early notice of (pipelined) requests and receive bounds; see the module docstring."""
 
     def connectionMade(self) -> None:
         self._transport_full = False  # before Twisted registers us with the transport
+        self._phase = _IDLE
+        self._deadline: IDelayedCall | None = None
+        self._abort_call: IDelayedCall | None = None
+        self._cut = False  # answered 408/413 and closing: nothing more is parsed or kept
+        self._linger_left: int | None = None  # bytes still to discard before closing
+        self._body_limit = 0
+        self._body_seen = 0
         super().connectionMade()
         # Twisted writes at most 128 KiB per send(); whole DICOM objects and JPIP responses
         # are megabytes, and each extra pass through the reactor costs more than the copy.
@@ -40,6 +92,7 @@ class ScanningHTTPChannel(HTTPChannel):
         self._untaken: collections.deque[int] = collections.deque()  # numbered, no Request yet
         self._incomplete: dict[int, int] = {}  # request index → number, until its bytes are in
         self._replaying = False
+        self._enter(_IDLE)
 
     def setLineMode(self, extra: bytes = b"") -> Any:
         # Twisted replays the bytes it held back through dataReceived: seen already.
@@ -50,6 +103,13 @@ class ScanningHTTPChannel(HTTPChannel):
             self._replaying = False
 
     def dataReceived(self, data: bytes) -> None:
+        if self._cut:
+            self._discard(data)
+            return
+        # The header deadline runs from a request's first byte (a stray CRLF between
+        # requests is no request, as in HTTPChannel).
+        if self._phase == _IDLE and data.strip(b"\r\n"):
+            self._enter(_HEAD)
         if self._scanner.active and not self._replaying:
             for event in self._scanner.feed(data):
                 if isinstance(event, RequestStarted):
@@ -62,6 +122,133 @@ class ScanningHTTPChannel(HTTPChannel):
                 self._incomplete.clear()
                 log.debug("request scanning stopped on this connection (unusual framing)")
         super().dataReceived(data)
+
+    # -- receive bounds ------------------------------------------------------------------
+
+    def allHeadersReceived(self) -> None:
+        limit = self.site.limits.bodies.limit_for(self._path)
+        if self.length is not None and self.length > limit:
+            # Before Twisted spools anything (gotLength) or answers 100 Continue. A client
+            # that asked for 100 Continue sends no body: nothing to linger for.
+            expect = self.requests[-1].requestHeaders.getRawHeaders(b"expect") or [b""]
+            self._refuse_body(limit, 0 if expect[0].lower() == b"100-continue" else self.length)
+            return
+        self._body_limit, self._body_seen = limit, 0
+        super().allHeadersReceived()
+        if self.length != 0:
+            self._enter(_BODY)
+
+    def body_received(self, size: int) -> bool:
+        """Count ``size`` decoded body bytes; ``False`` (and 413) once the body is over its limit."""
+        if self._cut:
+            return False
+        self._body_seen += size
+        if self._body_seen > self._body_limit:
+            self._refuse_body(self._body_limit, _LINGER_BYTES)  # a chunked body: its end is unknown
+            return False
+        return True
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._cut:
+            self._discard(data)  # the rest of a read in which the body was refused
+            return
+        super().rawDataReceived(data)
+
+    def allContentReceived(self) -> None:
+        if self._cut:
+            return  # a chunked body's end in the same read as the bytes that broke its limit
+        self._enter(_ANSWERING)
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        # Before Twisted replays the pipelined bytes it held, which may start the next request.
+        self._enter(_IDLE)
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel(self._deadline)
+        self._cancel(self._abort_call)
+        self._deadline = self._abort_call = None
+        super().connectionLost(reason)
+
+    def _enter(self, phase: str) -> None:
+        self._phase = phase
+        self._cancel(self._deadline)
+        self._deadline = None
+        limits = self.site.limits
+        timeout = {_IDLE: limits.idle_timeout, _HEAD: limits.header_timeout, _BODY: limits.body_timeout}.get(phase)
+        if timeout is not None and not self._cut:
+            self._deadline = self.site.reactor.callLater(timeout, self._expired, phase, timeout)
+
+    def _expired(self, phase: str, timeout: float) -> None:
+        self._deadline = None
+        if self.transport is None:
+            return
+        if phase == _IDLE and self._waitingForTransport:
+            # The last response is still on its way out (the transport asked us to wait):
+            # sending is not idling, and the deadlines bound receiving only.
+            self._enter(_IDLE)
+            return
+        if self.transport.disconnecting:
+            self.transport.abortConnection()  # a close the client holds up by not reading
+        elif phase == _IDLE:
+            log.debug("closing a connection from {peer} idle for {timeout} s", peer=self._peer(), timeout=timeout)
+            self._close()
+        else:
+            # Nothing of this request has been answered: Twisted answers after the body only.
+            self._note("408", "request from {address} cut with 408: {part} not complete within {timeout} s",
+                       part="headers" if phase == _HEAD else "body", timeout=timeout)
+            self._cut_short(408, b"Request Timeout", b"request not received in time\n")
+
+    def _refuse_body(self, limit: int, coming: int) -> None:
+        self._note("413", "request body from {address} over the limit of {limit} bytes: 413", limit=limit)
+        self._cut_short(413, b"Content Too Large", b"request body larger than %d bytes\n" % limit, linger=coming)
+
+    def _cut_short(self, status: int, reason: bytes, text: bytes, *, linger: int = 0) -> None:
+        self._cut = True
+        self._cancel(self._deadline)
+        self._deadline = None
+        self.transport.write(plain_response(status, reason, text))
+        if linger > 0:
+            self._linger_left = min(linger, _LINGER_BYTES)
+            self._deadline = self.site.reactor.callLater(_LINGER_SECONDS, self._close)
+        else:
+            self._close()
+
+    def _discard(self, data: bytes) -> None:
+        if self._linger_left is not None:
+            self._linger_left -= len(data)
+            if self._linger_left <= 0:
+                self._close()
+
+    def _close(self) -> None:
+        self._linger_left = None
+        self._cancel(self._deadline)
+        self._deadline = None
+        self.loseConnection()  # after what is written; nothing more is read
+        if self._abort_call is None:
+            # A client that does not read what we wrote must not hold the close up.
+            self._abort_call = self.site.reactor.callLater(self.abortTimeout, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _note(self, kind: str, text: str, **fields: Any) -> None:
+        address = self._peer()
+        count = self.site.refusals.hit((kind, address), self.site.reactor.seconds())
+        if count is not None:
+            log.info(text + " ({count} since the last such line; at most one every {interval:.0f} s)",
+                     address=address, count=count, interval=self.site.refusals.interval, **fields)
+
+    def _peer(self) -> str:
+        return address_key(self.transport.getPeer() if self.transport is not None else None)
+
+    @staticmethod
+    def _cancel(call: IDelayedCall | None) -> None:
+        if call is not None and call.active():
+            call.cancel()
 
     # Twisted registers a pull producer unpaused even while the transport's buffer is
     # full; resuming it later then fails (NotPaused). That happens when a response ends
@@ -87,9 +274,24 @@ class ScanningHTTPChannel(HTTPChannel):
 
 
 class ArrivalRequest(Request):
-    """A request that knows its arrival number (:attr:`arrival`), for pre-emption."""
+    """
+    A request that knows its arrival number (:attr:`arrival`), for pre-emption, has its
+    body metered by the channel, and names no software version in ``Server``.
+    """
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
         take = getattr(channel, "take_arrival", None)
         self.arrival: int | None = take() if take is not None else None
+
+    def handleContentChunk(self, data: bytes) -> None:
+        meter = getattr(self.channel, "body_received", None)
+        if meter is not None and not meter(len(data)):
+            return  # over the limit: the channel answered 413; not one more byte is kept
+        super().handleContentChunk(data)
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            # Twisted set TwistedWeb/<version> in process(); error pages pass here too.
+            self.responseHeaders.setRawHeaders(b"server", [SERVER])
+        super().write(data)

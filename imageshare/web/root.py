@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
-from typing import Callable
+from typing import Any, Callable
 
-from imageshare.logsafe import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from imageshare.logsafe import Logger
+from imageshare.logthrottle import LogThrottle
 from imageshare.web.channel import ArrivalRequest, ScanningHTTPChannel
+from imageshare.web.limits import HttpLimits
 from imageshare.web.pipeline import ScannedRequest
 
 log = Logger(namespace="imageshare.http")
@@ -28,15 +30,27 @@ class QuietSite(Site):
     A Site that writes no access log unless asked (URLs may carry identifiers), and whose
     channels number requests as they arrive and report each one early to
     :attr:`observers` (``observer(request, arrival)``), for JPIP pre-emption.
+
+    Its channels enforce :attr:`limits` (request bodies by path, receive deadlines) on
+    ``reactor``'s clock; Twisted's idle timeout is off, the deadlines replace it.
     """
 
     protocol = ScanningHTTPChannel
     requestFactory = ArrivalRequest
 
     def __init__(
-        self, resource: Resource, *, request_log: bool, next_arrival: Callable[[], int] | None = None
+        self,
+        resource: Resource,
+        *,
+        request_log: bool,
+        next_arrival: Callable[[], int] | None = None,
+        limits: HttpLimits | None = None,
+        reactor: Any = None,
     ) -> None:
-        super().__init__(resource)
+        super().__init__(resource, timeout=None, reactor=reactor)
+        self.limits = limits or HttpLimits()
+        # 408s and 413s are logged at most once per address and kind every 10 s.
+        self.refusals = LogThrottle(10.0)
         self._request_log = request_log
         self.next_arrival = next_arrival or itertools.count(1).__next__
         self.observers: list[Callable[[ScannedRequest, int], None]] = []

@@ -7,12 +7,12 @@ import time
 from typing import Any, Callable
 
 import attrs
-from imageshare.logsafe import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from imageshare import __version__
 from imageshare.interfaces import ICatalog
+from imageshare.logsafe import Logger
 from imageshare.workers import WorkerPoolService
 
 
@@ -39,9 +39,19 @@ class StatusResource(Resource):
         self._extra = extra
 
     def render_GET(self, request: Request) -> int:
+        gone = False
+
+        def left(reason: Any) -> None:
+            # The client went away during the query: nobody to answer, nothing to wait for.
+            nonlocal gone
+            gone = True
+            d.cancel()
+
         d = self._db.run(self._catalog.counts)
 
         def respond(counts: Any) -> None:
+            if gone:
+                return
             body = {
                 **attrs.asdict(counts),
                 "uptime_s": int(self._now() - self._started),
@@ -54,14 +64,16 @@ class StatusResource(Resource):
             request.finish()
 
         def fail(failure: Any) -> None:
+            if gone:
+                return  # cancelled by left(), or failed after the client left: no one to tell
             self.log.failure("status query failed", failure)
             request.setResponseCode(503)
             request.setHeader(b"content-type", b"application/json")
             request.write(b'{"error": "catalog unavailable"}\n')
             request.finish()
 
+        request.notifyFinish().addErrback(left)
         d.addCallbacks(respond, fail)
-        request.notifyFinish().addErrback(lambda _: d.cancel())
         return NOT_DONE_YET
 
 

@@ -7,8 +7,11 @@ import ipaddress
 import json
 import socket
 import ssl
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -20,6 +23,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from twisted.internet import threads
+from twisted.logger import globalLogPublisher
 
 from tests.helpers import sample_file
 
@@ -144,3 +148,86 @@ async def test_tls_listeners(start_server, tmp_path: Path) -> None:
 
     reply = await threads.deferToThread(plain_on_tls_aux)
     assert reply == b"" or reply[0] == 0x15  # closed, or a TLS alert record: never data
+
+
+def tls_exchange(port: int, folder: Path, name: str | None, request: bytes) -> bytes | Exception:
+    """Send ``request`` over TLS with client certificate ``name`` (or none); what comes back
+    until the server closes, or the error that ended the exchange."""
+    ctx = ssl.create_default_context(cafile=str(folder / "ca.crt"))
+    if name is not None:
+        ctx.load_cert_chain(str(folder / f"{name}.crt"), str(folder / f"{name}.key"))
+    data = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(request)
+                for _ in range(1000):
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as e:
+        return e if not data else data
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_and_aux_listeners_require_client_certificates(start_server, tmp_path: Path) -> None:
+    """With caCerts, the HTTP and JPIP aux listeners serve a client whose certificate the CA
+    signed and refuse one without a certificate or with another CA's; relative file names
+    resolve against the configuration file's folder."""
+    ca = make_cert(tmp_path, "ca", ca=True)
+    make_cert(tmp_path, "server", issuer=ca)
+    make_cert(tmp_path, "client", issuer=ca)
+    rogue = make_cert(tmp_path, "rogueca", ca=True)
+    make_cert(tmp_path, "rogue", issuer=rogue)
+    tls = "ssl:0:interface=127.0.0.1:privateKey=server.key:certKey=server.crt:caCerts=ca.crt"
+    server = await start_server(http={"listen": tls}, jpip={"tcp_listen": tls})
+    get = b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+
+    reply = await threads.deferToThread(tls_exchange, server.http_port, tmp_path, "client", get)
+    assert isinstance(reply, bytes) and reply.startswith(b"HTTP/1.1 200 "), reply
+    for name in (None, "rogue"):
+        reply = await threads.deferToThread(tls_exchange, server.http_port, tmp_path, name, get)
+        assert isinstance(reply, Exception) or reply == b"", (name, reply)
+
+    # The aux port: a verified client's bytes reach the JPIP aux protocol (which then drops
+    # the unknown channel id); the others never get that far.
+    heard: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "unknown channel" in event.get("log_format", ""):
+            heard.append(event)
+
+    aux = server.service.jpip.aux_port
+    globalLogPublisher.addObserver(observe)
+    try:
+        for name in (None, "rogue", "client"):
+            reply = await threads.deferToThread(tls_exchange, aux, tmp_path, name, b"JPHT0000\r\n")
+            assert not (isinstance(reply, bytes) and reply), reply  # no data either way
+            assert len(heard) == (1 if name == "client" else 0), name
+    finally:
+        globalLogPublisher.removeObserver(observe)
+
+
+@pytest.mark.parametrize(
+    "listen,message",
+    [
+        ("ssl:0:privateKey=server.key:certKey=server.crt:caCerts=missing.pem", "caCerts: no such file"),
+        ("tcp:0:interface=127.0.0.1:caCerts=ca.crt", "unknown option 'caCerts'"),
+        ("tcp:http", "port must be a number"),
+    ],
+)
+def test_bad_listener_stops_twistd_with_one_line(config_file, tmp_path: Path, listen: str, message: str) -> None:
+    """A bad [http] listen stops twistd with the configuration error's one line, no traceback."""
+    ca = make_cert(tmp_path, "ca", ca=True)
+    make_cert(tmp_path, "server", issuer=ca)
+    config = config_file(http={"listen": listen})
+    twistd = str(Path(sys.executable).parent / "twistd")
+    result = subprocess.run([twistd, "-n", "--pidfile=", "imageshare", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in output
+    line = next(line for line in output.splitlines() if "[http] listen:" in line)
+    assert message in line

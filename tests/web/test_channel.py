@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.web.resource import Resource
@@ -36,7 +37,7 @@ def connect(site: QuietSite) -> tuple[Any, StringTransport]:
 
 def test_pipelined_requests_are_numbered_and_reported_while_the_first_is_open() -> None:
     resource = Held()
-    site = QuietSite(resource, request_log=False)
+    site = QuietSite(resource, request_log=False, reactor=Clock())
     seen: list[tuple[bytes, int]] = []
     site.observers.append(lambda r, n: seen.append((r.target, n)))
     channel, transport = connect(site)
@@ -55,7 +56,7 @@ def test_pipelined_requests_are_numbered_and_reported_while_the_first_is_open() 
 
 def test_observer_failure_is_logged_not_fatal() -> None:
     resource = Held()
-    site = QuietSite(resource, request_log=False)
+    site = QuietSite(resource, request_log=False, reactor=Clock())
 
     def broken(r: ScannedRequest, n: int) -> None:
         raise RuntimeError("observer bug")
@@ -78,7 +79,7 @@ def test_observer_failure_is_logged_not_fatal() -> None:
 def test_unscannable_framing_still_numbers_requests() -> None:
     """A chunked request body stops the scanner; requests still get arrival numbers."""
     resource = Held()
-    site = QuietSite(resource, request_log=False)
+    site = QuietSite(resource, request_log=False, reactor=Clock())
     channel, _ = connect(site)
     channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
     assert resource.requests[0].arrival == 1
@@ -87,7 +88,7 @@ def test_unscannable_framing_still_numbers_requests() -> None:
 def test_pull_producer_registered_while_the_transport_is_full_starts_paused() -> None:
     """Twisted would start it unpaused and fail with NotPaused at the next resume."""
     resource = Held()
-    site = QuietSite(resource, request_log=False)
+    site = QuietSite(resource, request_log=False, reactor=Clock())
     channel, _ = connect(site)
     channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
     request = resource.requests[0]

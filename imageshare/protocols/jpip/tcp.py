@@ -26,10 +26,10 @@ from typing import Any, Iterator
 import attrs
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from imageshare.logsafe import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from imageshare.logsafe import Logger
 from imageshare.protocols.jpip.server import Body, JpipServer
 from imageshare.protocols.jpip.sessions import Channel
 from imageshare.protocols.jpip.tcpchunks import (
@@ -290,7 +290,7 @@ class AuxProtocol(Protocol):
                 self._cancel_timer()
                 self._stream = self._channels.attach(self._handshake.cid, self)
                 if self._stream is None:
-                    self.transport.loseConnection()
+                    self._close()
                     return
                 self._stream.pump()
             if rest:
@@ -312,6 +312,12 @@ class AuxProtocol(Protocol):
     def drop(self) -> None:
         """The channel ended from the server's side."""
         self._stream = None
+        self._close()
+
+    def _close(self) -> None:
+        # Over TLS, loseConnection waits until the producer is unregistered: without this
+        # the connection (and its slot under the listener's caps) would stay for good.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def pauseProducing(self) -> None:
