@@ -20,22 +20,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 import attrs
-from imageshare.logsafe import Logger
+from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from imageshare.dicom import derived
+from imageshare.fairqueue import FairQueue, QueueFull
 from imageshare.interfaces import ICatalog
+from imageshare.logsafe import Logger
+from imageshare.logthrottle import RefusalLog
 from imageshare.store.archive import Archive
 from imageshare.store.records import InstanceRow, State
-from imageshare.workers import WorkerPoolService
+from imageshare.web.clients import ClientKey, peer_address
 from imageshare.xds import mtom, rad69, safexml, schemas, soap
 from imageshare.xds.responses import XDS_DOCUMENT_UNIQUE_ID_ERROR, XDS_REPOSITORY_ERROR, XDS_UNKNOWN_REPOSITORY_ID
 
 __all__ = ["Answer", "Rad69Retriever", "Rad69Handler", "Rad69Resource", "DEFAULT_MAX_BODY"]
 
 log = Logger(namespace="imageshare.xds.rad69")
+# A client can provoke refusals as fast as it can send: one line per client (or fault) and status.
+refusals = RefusalLog(log)
 
 #: Largest request body accepted: a RAD-69 request is a list of UIDs, never large.
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -175,13 +180,15 @@ class Rad69Handler:
         try:
             envelope = self._envelope(content_type, body)
         except soap.SoapFault as fault:
-            log.info("RAD-69 request refused: {code} {reason}", code=fault.code, reason=fault.reason)
+            refusals.info(("fault", fault.code), "RAD-69 request refused: {code} {reason}",
+                          code=fault.code, reason=fault.reason)
             return _fault_answer(fault)
         if envelope.action not in soap.RAD69_ACTIONS:
             fault = soap.SoapFault("Sender", f"action {envelope.action!r} is not supported at this endpoint "
                                              f"(expected {soap.RAD69})",
                                    subcode=f"{{{soap.WSA_NS}}}ActionNotSupported")
-            log.info("RAD-69 request refused: {code} {reason}", code=fault.code, reason=fault.reason)
+            refusals.info(("fault", fault.code), "RAD-69 request refused: {code} {reason}",
+                          code=fault.code, reason=fault.reason)
             return _fault_answer(fault, relates_to=envelope.message_id)
         if envelope.body.tag != rad69.REQUEST_TAG:
             fault = soap.SoapFault("Sender", "the SOAP Body does not hold a RetrieveImagingDocumentSetRequest")
@@ -192,7 +199,7 @@ class Rad69Handler:
                 raise rad69.RequestError(schemas.summary(envelope.body, invalid))
             request = rad69.parse_request(envelope.body, max_documents=self._max_documents)
         except rad69.RequestError as e:
-            log.info("RAD-69 request error: {reason}", reason=str(e))
+            refusals.info(("error",), "RAD-69 request error: {reason}", reason=str(e))
             payload, attachments = rad69.build_response([], request_error=str(e))
         else:
             outcomes = self._retriever(request)
@@ -226,28 +233,28 @@ class Rad69Handler:
 
 
 class Rad69Resource(Resource):
-    """``/xds/imaging-source``: POST only; the handler runs on ``pool``.
+    """``/xds/imaging-source``: POST only; the handler runs on the queue's pool.
 
     Parameters
     ----------
     handler
         ``handler(content_type, body) -> Answer``, blocking (a :class:`Rad69Handler`); its
         ``max_body`` attribute, if any, bounds the request body (413 beyond).
-    pool
-        Where it runs.
-    max_waiting
-        Requests queued for the pool beyond which new ones get 503 at once.
+    queue
+        Where it runs (the WADO pool's queue, shared with WADO-URI): clients take turns,
+        and a client with too many requests waiting gets 503 at once.
+    client_key
+        Names the client of a request (the peer address).
     """
 
     isLeaf = True
 
-    def __init__(self, handler: Any, pool: WorkerPoolService, *, max_waiting: int = 32) -> None:
+    def __init__(self, handler: Any, queue: FairQueue, *, client_key: ClientKey = peer_address) -> None:
         super().__init__()
         self._handler = handler
-        self._pool = pool
+        self._queue = queue
+        self._client_key = client_key
         self._max_body = int(getattr(handler, "max_body", DEFAULT_MAX_BODY))
-        self._max_waiting = max_waiting
-        self._waiting = 0
 
     def render(self, request: Request) -> int | bytes:
         if request.postpath and request.postpath != [b""]:
@@ -261,23 +268,29 @@ class Rad69Resource(Resource):
         body = self._body(request)
         if body is None:
             fault = soap.SoapFault("Sender", f"the request body exceeds {self._max_body} bytes")
-            log.info("RAD-69 request refused: body over {limit} bytes", limit=self._max_body)
+            client = self._client_key(request)
+            refusals.info((client, 413), "RAD-69 request from {client} refused: body over {limit} bytes",
+                          client=client, limit=self._max_body)
             return self._send(request, _fault_answer(fault, status=413))
-        if self._waiting >= self._max_waiting:
-            request.setHeader(b"retry-after", b"1")
-            fault = soap.SoapFault("Receiver", "too many RAD-69 requests are waiting; try again")
-            return self._send(request, _fault_answer(fault, status=503))
         header = request.getHeader(b"content-type")
         content_type = header.decode("latin-1") if header is not None else None
-        self._waiting += 1
-        d = self._pool.run(self._handler, content_type, body)
+        try:
+            d = self._queue.submit(self._client_key(request), self._handler, content_type, body)
+        except QueueFull as e:
+            client = self._client_key(request)
+            refusals.info((client, 503), "RAD-69 request from {client} refused: {reason}",
+                          client=client, reason=e.reason)
+            request.setHeader(b"retry-after", str(e.retry_after).encode("ascii"))
+            fault = soap.SoapFault("Receiver", e.reason)
+            return self._send(request, _fault_answer(fault, status=503))
         finished: list[Any] = []
         request.notifyFinish().addBoth(finished.append)
+        # A client that goes away takes its waiting request out of the queue.
+        request.notifyFinish().addErrback(lambda _: d.cancel())
 
         def done(result: Answer | Failure) -> None:
-            self._waiting -= 1
-            if finished:
-                return  # the client went away; the work could not be interrupted
+            if finished or (isinstance(result, Failure) and result.check(CancelledError)):
+                return  # the client went away: its job was dropped, or its answer is not wanted
             if not isinstance(result, Answer):
                 log.failure("RAD-69 request failed", result)
                 result = _fault_answer(soap.SoapFault("Receiver", "internal error"))
@@ -309,7 +322,9 @@ class Rad69Resource(Resource):
 
     @staticmethod
     def _plain(request: Request, status: int, reason: str) -> bytes:
-        log.info("RAD-69 request refused: {status} {reason}", status=status, reason=reason)
+        client = peer_address(request)
+        refusals.info((client, status), "RAD-69 request from {client} refused: {status} {reason}",
+                      client=client, status=status, reason=reason)
         body = reason.encode("ascii") + b"\n"
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")

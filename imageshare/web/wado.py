@@ -31,13 +31,16 @@ import attrs
 from pydicom import dcmread
 from pydicom.pixels import apply_color_lut, pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from imageshare.logsafe import Logger
+from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from imageshare.dicom import derived
+from imageshare.fairqueue import FairQueue, QueueFull
 from imageshare.interfaces import ICatalog
+from imageshare.logsafe import Logger
+from imageshare.logthrottle import RefusalLog
 from imageshare.store.archive import Archive
 from imageshare.store.records import InstanceRow, State
 from imageshare.transcode import openjpeg
@@ -53,11 +56,13 @@ from imageshare.wado.query import (
     negotiate,
     parse_query,
 )
-from imageshare.workers import WorkerPoolService
+from imageshare.web.clients import ClientKey, peer_address
 
 __all__ = ["Answer", "WadoRetriever", "WadoResource", "SALT_SETTING"]
 
 log = Logger(namespace="imageshare.wado")
+# A client can provoke refusals as fast as it can send: one line per client and status.
+refusals = RefusalLog(log)
 
 #: Catalog setting holding the de-identification salt (hex).
 SALT_SETTING = "wado.deidentify_salt"
@@ -285,20 +290,20 @@ class WadoResource(Resource):
     ----------
     retriever : callable
         ``retriever(query, if_none_match) -> Answer``, blocking (a :class:`WadoRetriever`).
-    pool : WorkerPoolService
-        Where it runs; its size caps concurrent renderings.
-    max_waiting : int
-        Requests queued for the pool beyond which new ones get 503 at once.
+    queue : FairQueue
+        The WADO pool's queue: clients take turns for its workers, and a client with too
+        many requests waiting gets 503 at once.
+    client_key : callable
+        Names the client of a request (the peer address).
     """
 
     isLeaf = True
 
-    def __init__(self, retriever: Any, pool: WorkerPoolService, *, max_waiting: int = 64) -> None:
+    def __init__(self, retriever: Any, queue: FairQueue, *, client_key: ClientKey = peer_address) -> None:
         super().__init__()
         self._retriever = retriever
-        self._pool = pool
-        self._max_waiting = max_waiting
-        self._waiting = 0
+        self._queue = queue
+        self._client_key = client_key
 
     def render_GET(self, request: Request) -> int | bytes:
         if request.postpath and request.postpath != [b""]:
@@ -308,21 +313,22 @@ class WadoResource(Resource):
             query = parse_query(raw_query, request.getHeader(b"accept"))
         except WadoError as e:
             return self._refuse(request, e)
-        if self._waiting >= self._max_waiting:
-            request.setHeader(b"retry-after", b"1")
-            return self._refuse(request, WadoError(503, "too many WADO requests are waiting; try again"))
-        # Everything else (catalog, files, decoding) blocks: on the pool.
+        # Everything else (catalog, files, decoding) blocks: on the pool, in the client's turn.
         header = request.getHeader(b"if-none-match")
         if_none_match = header.decode("latin-1") if header else None
-        self._waiting += 1
-        d = self._pool.run(self._retriever, query, if_none_match)
-        finished = []
+        try:
+            d = self._queue.submit(self._client_key(request), self._retriever, query, if_none_match)
+        except QueueFull as e:
+            request.setHeader(b"retry-after", str(e.retry_after).encode("ascii"))
+            return self._refuse(request, WadoError(503, e.reason))
+        finished: list[Any] = []
         request.notifyFinish().addBoth(finished.append)
+        # A client that goes away takes its waiting request out of the queue.
+        request.notifyFinish().addErrback(lambda _: d.cancel())
 
         def done(result: Answer | Failure) -> None:
-            self._waiting -= 1
-            if finished:
-                return  # the client went away; the work could not be interrupted
+            if finished or (isinstance(result, Failure) and result.check(CancelledError)):
+                return  # the client went away: its job was dropped, or its answer is not wanted
             if isinstance(result, Answer):
                 self._write(request, result)
             else:
@@ -364,7 +370,9 @@ class WadoResource(Resource):
 
         Only a validated object UID is logged with it, never other request values.
         """
-        log.info("WADO request refused: {status} {reason}", status=error.status, reason=error.reason, **fields)
+        client = peer_address(request)
+        refusals.info((client, error.status), "WADO request from {client} refused: {status} {reason}",
+                      client=client, status=error.status, reason=error.reason, **fields)
         body = error.reason.encode("ascii", "replace") + b"\n"
         request.setResponseCode(error.status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")

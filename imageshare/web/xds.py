@@ -26,10 +26,10 @@ from typing import Any, Callable
 
 import attrs
 from lxml import etree
-from imageshare.logsafe import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from imageshare.logsafe import Logger
 from imageshare.xds import metadata as md
 from imageshare.xds import mtom, registry, safexml, schemas, soap
 from imageshare.xds.responses import RegistryError, Severity, Status, registry_response
@@ -111,6 +111,8 @@ class XdsEndpoint:
     patient_authorities
         Returns the assigning authorities of the patient IDs the registry accepts (``None``:
         any ``ID^^^&OID&ISO``); may block.
+    max_body
+        Largest SOAP message (MTOM package or plain XML) parsed, as ``[xds] max_body``.
     """
 
     log = Logger(namespace="imageshare.xds")
@@ -121,8 +123,10 @@ class XdsEndpoint:
         repository_uid: Callable[[], str],
         *,
         patient_authorities: Callable[[], frozenset[str] | None] = lambda: None,
+        max_body: int = DEFAULT_MAX_BODY,
     ) -> None:
         self._store = store
+        self._max_body = max_body
         self._repository_uid = repository_uid
         self._authorities = patient_authorities
 
@@ -132,13 +136,13 @@ class XdsEndpoint:
         is_mtom = mtom.is_mtom(content_type)
         if is_mtom:
             try:
-                xml, attachments = mtom.parse(content_type, body, max_bytes=DEFAULT_MAX_BODY)
+                xml, attachments = mtom.parse(content_type, body, max_bytes=self._max_body)
             except mtom.MtomError as e:
                 raise soap.SoapFault("Sender", f"malformed MTOM/XOP package: {e}") from None
         else:
             xml, attachments = body, {}
         try:
-            root = safexml.parse(xml, max_bytes=DEFAULT_MAX_BODY)
+            root = safexml.parse(xml, max_bytes=self._max_body)
         except safexml.UnsafeXml as e:
             raise soap.SoapFault("Sender", f"XML refused ({e.reason}): {e}") from None
         return soap.parse_envelope(root, request=True), attachments, is_mtom

@@ -19,20 +19,24 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IPullProducer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from imageshare.logsafe import Logger
+from imageshare.logthrottle import RefusalLog
 from imageshare.protocols.jpip.request import JpipRequestError, parse_request
 from imageshare.protocols.jpip.server import EXPOSED_HEADERS, Body, JpipError, JpipServer, Reply
+from imageshare.web.clients import ClientKey, peer_address
 from imageshare.web.pipeline import ScannedRequest
 
 if TYPE_CHECKING:
     from imageshare.protocols.jpip.tcp import AuxChannels
 
 log = Logger(namespace="imageshare.jpip")
+# A client can provoke refusals as fast as it can send: one line per client and status.
+refusals = RefusalLog(log)
 
 # Bytes written per resumeProducing: big enough to keep the socket busy, small enough
 # that a slow client holds little memory.
@@ -110,7 +114,21 @@ class BodyProducer:
 
 
 class JpipResource(Resource):
-    """``/jpip`` and ``/jpip/<target>``: GET and POST."""
+    """``/jpip`` and ``/jpip/<target>``: GET and POST.
+
+    Parameters
+    ----------
+    server
+        Answers the parsed requests.
+    chunked
+        Stream bodies chunked; ``False`` sends Content-Length.
+    cors_origins
+        Origins allowed to read the responses from a browser (``*`` for any).
+    aux
+        The http-tcp channels, if that listener is up.
+    client_key
+        Names the client of a request, whose sessions count against its cap.
+    """
 
     isLeaf = True
 
@@ -121,12 +139,14 @@ class JpipResource(Resource):
         chunked: bool = True,
         cors_origins: tuple[str, ...] = (),
         aux: "AuxChannels | None" = None,
+        client_key: ClientKey = peer_address,
     ) -> None:
         super().__init__()
         self._server = server
         self._chunked = chunked
         self._cors = cors_origins
         self._aux = aux
+        self._client_key = client_key
 
     def observe(self, scanned: ScannedRequest, arrival: int) -> None:
         """A request's bytes are in (maybe behind a streaming response): pre-empt early."""
@@ -181,13 +201,17 @@ class JpipResource(Resource):
         except JpipRequestError as e:
             return self._error(request, e.status, e.reason)
         if parsed.unknown:
-            log.info("ignored unknown JPIP request fields {fields}", fields=list(parsed.unknown)[:20])
+            refusals.info(
+                (peer_address(request), "unknown"),
+                "ignored unknown JPIP request fields {fields}",
+                fields=list(parsed.unknown)[:20],
+            )
 
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         # Numbered by the HTTP channel when its request line came in (see observe).
         arrival = getattr(request, "arrival", None)
-        d = ensureDeferred(self._server.respond(parsed, arrival))
+        d = ensureDeferred(self._server.respond(parsed, arrival, self._client_key(request)))
         d.addCallbacks(
             lambda reply: self._stream(request, reply, parsed.qid, gone), lambda f: self._failed(request, f, gone)
         )
@@ -226,6 +250,8 @@ class JpipResource(Resource):
         if failure.check(JpipError):
             e: JpipError = failure.value  # type: ignore[assignment]
             status, reason = e.status, e.reason
+            if e.retry_after is not None and not gone:
+                request.setHeader(b"retry-after", str(e.retry_after).encode("ascii"))
         elif failure.check(JpipRequestError):
             r: JpipRequestError = failure.value  # type: ignore[assignment]
             status, reason = r.status, r.reason
@@ -239,7 +265,9 @@ class JpipResource(Resource):
 
     @staticmethod
     def _error(request: Request, status: int, reason: str) -> bytes:
-        log.info("JPIP request refused with {status}: {reason}", status=status, reason=reason)
+        client = peer_address(request)
+        refusals.info((client, status), "JPIP request from {client} refused with {status}: {reason}",
+                      client=client, status=status, reason=reason)
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return (reason + "\n").encode("utf-8")

@@ -24,12 +24,12 @@ from typing import Any, Callable, Iterator
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imageshare.codestream.index import CodestreamIndex
 from imageshare.dicom.uids import is_valid_uid
 from imageshare.interfaces import ICatalog
+from imageshare.logsafe import Logger
 from imageshare.protocols.jpip.cachemodel import CacheModel, CacheSpecTooLarge, apply_spec
 from imageshare.protocols.jpip.cachespec import parse_cache_spec
 from imageshare.protocols.jpip.messages import EorReason, MessageEncoder
@@ -55,12 +55,21 @@ EXPOSED_HEADERS = (
 
 
 class JpipError(Exception):
-    """A request that gets an HTTP error status instead of a stream."""
+    """A request that gets an HTTP error status instead of a stream.
 
-    def __init__(self, status: int, reason: str) -> None:
+    ``retry_after`` (seconds), if set, tells a refused client when to try again.
+    """
+
+    def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_session(cls, e: SessionError) -> "JpipError":
+        """The answer to a request its session state refuses (limits carry ``retry_after``)."""
+        return cls(e.status, e.reason, getattr(e, "retry_after", None))
 
 
 @attrs.frozen(eq=False)
@@ -243,6 +252,8 @@ class JpipServer:
         Current time in seconds (``reactor.seconds`` or a ``Clock``'s).
     aux_port
         Where the http-tcp listener listens (set once it does); ``None``: http only.
+    max_sessions_per_client
+        Sessions one client (see :meth:`respond`) may hold; ``None``: no per-client cap.
     """
 
     log = Logger(namespace="imageshare.jpip")
@@ -257,6 +268,7 @@ class JpipServer:
         max_model_bytes: int = 8 << 20,
         target_cache: int = 64,
         aux_port: int | None = None,
+        max_sessions_per_client: int | None = None,
     ) -> None:
         self._load = load
         self._now = now
@@ -264,7 +276,10 @@ class JpipServer:
         #: Called with every channel that ends, so transports can let go of it.
         self.channel_closed: list[Callable[[Channel], None]] = []
         self.sessions: SessionRegistry[SessionState] = SessionRegistry(
-            idle_timeout=session_timeout, max_sessions=max_sessions, on_close=self._closed
+            idle_timeout=session_timeout,
+            max_sessions=max_sessions,
+            max_sessions_per_client=max_sessions_per_client,
+            on_close=self._closed,
         )
         self._arrivals = itertools.count(1)
         self._loading: dict[tuple[str, int], list[Deferred[Target | None]]] = {}
@@ -343,9 +358,12 @@ class JpipServer:
         """Drop idle sessions (called periodically); return how many."""
         return len(self.sessions.expire(self._now()))
 
-    async def respond(self, request: JpipRequest, arrival: int | None = None) -> Reply:
+    async def respond(self, request: JpipRequest, arrival: int | None = None, client: str = "") -> Reply:
         """
         Serve one request; ``arrival`` numbers it (:meth:`next_arrival`) for pre-emption.
+
+        ``client`` names who asks (the peer address, or later an authenticated principal):
+        a new session counts against that client's cap.
 
         Raises
         ------
@@ -383,16 +401,24 @@ class JpipServer:
                     raise JpipError(400, "no target")
                 uid = request.target
         except SessionError as e:
-            raise JpipError(e.status, e.reason) from None
+            raise JpipError.from_session(e) from None
 
         new_transport = self._transport(request) if request.cid is None and request.cnew else None
+        if new_transport is not None:
+            # Refuse a client over its cap before loading anything for it.
+            try:
+                self.sessions.admit(client, now)
+            except SessionError as e:
+                raise JpipError.from_session(e) from None
         target = await self.target(uid, stream)
         if new_transport is not None:
             session_state = SessionState(uid, CacheModel())
             try:
-                channel = self.sessions.open(uid, session_state, new_transport, now)
+                # Checked again: other requests of this client may have opened sessions
+                # while this one waited for its target.
+                channel = self.sessions.open(uid, session_state, new_transport, self._now(), client)
             except SessionError as e:
-                raise JpipError(e.status, e.reason) from None
+                raise JpipError.from_session(e) from None
             headers.append(("JPIP-cnew", self._cnew(channel)))
         if channel is not None and self.sessions.find(channel.cid) is None:
             channel = None  # cclose ended this channel: the answer goes back on the request

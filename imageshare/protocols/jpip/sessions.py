@@ -9,6 +9,7 @@ free of clocks").
 
 from __future__ import annotations
 
+import math
 import secrets
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
@@ -34,9 +35,17 @@ class UnknownChannel(SessionError):
 
 
 class SessionLimit(SessionError):
-    """Too many sessions or channels; try again later."""
+    """Too many sessions or channels; try again later.
+
+    ``retry_after`` is the number of seconds after which one of the sessions in the way
+    expires if it stays idle (``None`` where waiting frees nothing, e.g. channels).
+    """
 
     status = 503
+
+    def __init__(self, reason: str, retry_after: int | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 @attrs.define(eq=False)
@@ -57,6 +66,8 @@ class Session(Generic[M]):
     target: Any  # opaque to this module: what the server needs to find the codestream
     model: M
     last_used: float
+    #: Whose session it is (a peer address today, an authenticated principal later).
+    client: str = ""
     channels: dict[str, Channel] = attrs.Factory(dict)
     closed: bool = False
 
@@ -77,6 +88,9 @@ class SessionRegistry(Generic[M]):
         Seconds without a request after which a session and its channels are dropped.
     max_sessions
         Sessions alive at once; beyond it new sessions are refused (503).
+    max_sessions_per_client
+        Sessions one client may hold at once; beyond it that client's new sessions are
+        refused (503), other clients' are not. ``None``: no per-client cap.
     max_channels
         Channels per session.
     on_close
@@ -89,30 +103,71 @@ class SessionRegistry(Generic[M]):
         *,
         idle_timeout: float,
         max_sessions: int,
+        max_sessions_per_client: int | None = None,
         max_channels: int = 8,
         on_close: Callable[[Channel], None] | None = None,
     ) -> None:
         self.idle_timeout = idle_timeout
         self.max_sessions = max_sessions
+        self.max_sessions_per_client = max_sessions_per_client
         self.max_channels = max_channels
         self._on_close = on_close
         self._channels: dict[str, Channel] = {}
         self._sessions: set[Session[M]] = set()
+        # Live sessions by client; a client without sessions has no entry.
+        self._by_client: dict[str, set[Session[M]]] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, target: Any, model: M, transport: str, now: float) -> Channel:
-        """Start a session with its first channel."""
+    def count(self, client: str) -> int:
+        """Live sessions of ``client``."""
+        return len(self._by_client.get(client, ()))
+
+    def admit(self, client: str, now: float) -> None:
+        """
+        Check that ``client`` may open a session now, without opening one.
+
+        Lets the owner refuse before doing any work for the request; :meth:`open` checks
+        again.
+
+        Raises
+        ------
+        SessionLimit
+            At the per-client or the global cap, once idle sessions are dropped.
+        """
         # Expiry is swept periodically by the owner; scanning every session on every new
-        # one would make session creation O(n). Only at the limit is it worth a sweep.
+        # one would make session creation O(n). Only at a limit is it worth a sweep, and
+        # at the client's own limit only its sessions are looked at.
+        cap = self.max_sessions_per_client
+        if cap is not None and self.count(client) >= cap:
+            self._expire(list(self._by_client[client]), now)
+            if self.count(client) >= cap:
+                raise SessionLimit(f"too many sessions for this client ({cap})",
+                                   self._retry_after(self._by_client[client], now))
         if len(self._sessions) >= self.max_sessions:
             self.expire(now)
         if len(self._sessions) >= self.max_sessions:
-            raise SessionLimit(f"too many sessions ({self.max_sessions})")
-        session: Session[M] = Session(target=target, model=model, last_used=now)
+            raise SessionLimit(f"too many sessions ({self.max_sessions})", self._retry_after(self._sessions, now))
+
+    def open(self, target: Any, model: M, transport: str, now: float, client: str = "") -> Channel:
+        """Start a session of ``client`` with its first channel.
+
+        Raises
+        ------
+        SessionLimit
+            See :meth:`admit`.
+        """
+        self.admit(client, now)
+        session: Session[M] = Session(target=target, model=model, last_used=now, client=client)
         self._sessions.add(session)
+        self._by_client.setdefault(client, set()).add(session)
         return self._add_channel(session, transport)
+
+    def _retry_after(self, sessions: Iterable[Session[M]], now: float) -> int:
+        """Seconds until the least recently used of ``sessions`` expires if left idle."""
+        oldest = min((s.last_used for s in sessions), default=now)
+        return max(1, math.ceil(oldest + self.idle_timeout - now))
 
     def add_channel(self, cid: str, transport: str, now: float) -> Channel:
         """A new channel in the session of channel ``cid``."""
@@ -175,18 +230,29 @@ class SessionRegistry(Generic[M]):
 
     def expire(self, now: float) -> list[Session[M]]:
         """Drop idle sessions; return them (the caller may log or release resources)."""
-        idle = [s for s in self._sessions if now - s.last_used > self.idle_timeout]
+        return self._expire(self._sessions, now)
+
+    def _expire(self, sessions: Iterable[Session[M]], now: float) -> list[Session[M]]:
+        idle = [s for s in sessions if now - s.last_used > self.idle_timeout]
         for s in idle:
             self._drop(s)
         return idle
 
     def _drop(self, session: Session[M]) -> None:
+        """End a session: every path that ends one (cclose, expiry, limits) comes here."""
+        if session.closed:
+            return  # already dropped: its slots are free already
         session.closed = True
         channels = list(session.channels.values())
         for c in session.channels:
             self._channels.pop(c, None)
         session.channels.clear()
         self._sessions.discard(session)
+        mine = self._by_client.get(session.client)
+        if mine is not None:
+            mine.discard(session)
+            if not mine:
+                del self._by_client[session.client]  # clients come and go: keep no empty entries
         for channel in channels:
             self._closed(channel)
 

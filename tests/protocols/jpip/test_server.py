@@ -158,3 +158,45 @@ def test_concurrent_loads_share_one_and_keep_arrival_order(target: Target) -> No
     loads[1].errback(RuntimeError("disk gone"))
     assert failures and failures[0].check(RuntimeError)
     assert ("1.2.4", 0) not in server._loading  # a later request tries again
+
+
+def respond_as(server: JpipServer, query: str, client: str):  # type: ignore[no-untyped-def]
+    """Serve a request of ``client`` synchronously; re-raise its error."""
+    results: list[object] = []
+    request = parse_request("GET", None, query.encode(), None, None, None)
+    ensureDeferred(server.respond(request, client=client)).addBoth(results.append)
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def test_sessions_per_client_are_capped_and_freed(target: Target) -> None:
+    """A client at max_sessions_per_client gets 503 with Retry-After before anything is
+    loaded for it; another client opens a session; requests on existing channels go on;
+    a session ended by the memory limit (EOR 6) frees its client's slot for a new one."""
+    now = [0.0]
+    loads: list[str] = []
+
+    def load(uid: str, stream: int):  # type: ignore[no-untyped-def]
+        loads.append(uid)
+        return succeed(target)
+
+    server = JpipServer(load, lambda: now[0], max_sessions_per_client=2, max_model_bytes=4096,
+                        target_cache=0, session_timeout=300)
+    first = respond_as(server, "target=1.2.3&fsiz=400,300&cnew=http", "10.0.0.2")  # outgrows the model limit
+    drain(first)
+    drain(respond_as(server, "target=1.2.3&fsiz=100,75&cnew=http", "10.0.0.2"))
+    loaded = len(loads)
+    now[0] = 30
+    with pytest.raises(JpipError) as info:
+        respond_as(server, "target=1.2.3&fsiz=100,75&cnew=http", "10.0.0.2")
+    assert info.value.status == 503 and info.value.retry_after == 270
+    assert len(loads) == loaded  # refused before any work
+    drain(respond_as(server, "target=1.2.3&fsiz=100,75&cnew=http", "10.0.0.1"))
+    cid = _cid(first)
+    # Its existing session is still answered, here with the end of the session (EOR 6).
+    assert drain(respond_as(server, f"cid={cid}&fsiz=400,300", "10.0.0.2")) == bytes([0, 6, 0])
+    assert server.sessions.count("10.0.0.2") == 1
+    reply = respond_as(server, "target=1.2.3&fsiz=100,75&cnew=http", "10.0.0.2")
+    assert "JPIP-cnew" in dict(reply.headers)
+    drain(reply)
