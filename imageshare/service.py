@@ -20,16 +20,17 @@ from pynetdicom import _config as pynetdicom_config
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from imageshare.logsafe import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from imageshare import __version__
 from imageshare.config import Config
+from imageshare.conncaps import ConnectionCaps
+from imageshare.endpoints import server_endpoint
+from imageshare.fairqueue import FairQueue
 from imageshare.logbridge import bridge_stdlib_logging
-from imageshare.logsafe import set_minimum_level
+from imageshare.logsafe import Logger, set_minimum_level
 from imageshare.manifests import LocationUid, ManifestBuilder, ManifestService
 from imageshare.protocols.dicom.bridge import ReactorBridge
 from imageshare.protocols.dicom.handlers import StoreHandler
@@ -45,11 +46,13 @@ from imageshare.transcode import worker
 from imageshare.transcode.job import mark_failed
 from imageshare.transcode.params import EncodeParams
 from imageshare.transcode.service import TranscodeService
+from imageshare.wado.cache import ResponseCache
+from imageshare.web.connections import HTTP_REFUSAL, CappedFactory, ensure_open_files
+from imageshare.web.limits import BodyLimits, HttpLimits
+from imageshare.web.rad69 import DEFAULT_MAX_BODY as RAD69_MAX_BODY, Rad69Handler, Rad69Resource, Rad69Retriever
 from imageshare.web.root import QuietSite, RootResource
 from imageshare.web.status import StatusResource
-from imageshare.wado.cache import ResponseCache
 from imageshare.web.wado import WadoResource, WadoRetriever
-from imageshare.web.rad69 import Rad69Handler, Rad69Resource, Rad69Retriever
 from imageshare.web.xds import SoapResource, XdsEndpoint, domain_authorities
 from imageshare.workers import ProcessPoolService, WorkerPoolService
 from imageshare.xds.outbox import Outbox, State as XdsState
@@ -134,7 +137,7 @@ class ImageShareService(MultiService):
         data_dir.mkdir(parents=True, exist_ok=True)
         self.catalog = SqliteCatalog(data_dir / "catalog.sqlite3")
         self.archive = Archive(data_dir / "archive")
-        self.ingestor = Ingestor(self.archive, self.catalog)
+        self.ingestor = Ingestor(self.archive, self.catalog, max_object_size=config.dicom.max_object_size)
         self.bridge = ReactorBridge(reactor)
         # Seen by the worker processes: running jobs stop between frames at shutdown.
         self.stopping = multiprocessing.get_context("spawn").Event()
@@ -144,6 +147,10 @@ class ImageShareService(MultiService):
         self.db_pool = WorkerPoolService("catalog-pool", 2, reactor)
         # WADO-URI reads, decodes and renders here; the pool size caps concurrent renderings.
         self.wado_pool = WorkerPoolService("wado-pool", config.wado.workers, reactor)
+        # WADO-URI and RAD-69 clients take turns for it; 128 waiting in all bounds what many
+        # addresses together can hold (each waiting request keeps a connection open).
+        self.wado_queue = FairQueue(self.wado_pool, max_per_client=config.wado.max_queue_per_client,
+                                    max_waiting=128)
         params = EncodeParams(
             lossless=tc.lossless,
             layer_rates=tc.layer_rates,
@@ -205,6 +212,7 @@ class ImageShareService(MultiService):
             reactor.seconds,
             session_timeout=jc.session_timeout,
             max_sessions=jc.max_sessions,
+            max_sessions_per_client=jc.max_sessions_per_client,
             max_model_bytes=jc.max_model_bytes,
             target_cache=jc.target_cache,
         )
@@ -223,7 +231,7 @@ class ImageShareService(MultiService):
         self.wado_cache = ResponseCache(config.wado.cache_bytes) if config.wado.cache_bytes else None
         wado = WadoRetriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
                              cache=self.wado_cache, decode_threads=config.wado.decode_threads)
-        root.putChild(b"wado", WadoResource(wado, self.wado_pool))
+        root.putChild(b"wado", WadoResource(wado, self.wado_queue))
         self.xds_root = Resource()
         root.putChild(b"xds", self.xds_root)
         # The embedded XDS.b repository and registry; its uniqueId is the manifests' Retrieve Location UID.
@@ -233,13 +241,16 @@ class ImageShareService(MultiService):
             self.xds_store,
             LocationUid(self.catalog, config.xds.repository_unique_id) if config.xds.repository_unique_id else location,
             patient_authorities=domain_authorities(config.xds, location),
+            max_body=config.xds.max_body,
         )
-        self.xds_root.putChild(b"repository", SoapResource(xds_endpoint.repository, self.db_pool))
-        self.xds_root.putChild(b"registry", SoapResource(xds_endpoint.registry, self.db_pool))
+        for name, handler in ((b"repository", xds_endpoint.repository), (b"registry", xds_endpoint.registry)):
+            self.xds_root.putChild(name, SoapResource(handler, self.db_pool, max_body=config.xds.max_body))
         # RAD-69 reads and converts instances as WADO does: on the WADO pool.
         rad69_retriever = Rad69Retriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
                                          repository_uid=location)
-        self.xds_root.putChild(b"imaging-source", Rad69Resource(Rad69Handler(rad69_retriever), self.wado_pool))
+        # A RAD-69 request names documents only: it keeps its own smaller limit inside [xds] max_body.
+        rad69_handler = Rad69Handler(rad69_retriever, max_body=min(config.xds.max_body, RAD69_MAX_BODY))
+        self.xds_root.putChild(b"imaging-source", Rad69Resource(rad69_handler, self.wado_queue))
         root.putChild(
             b"status",
             StatusResource(
@@ -252,21 +263,31 @@ class ImageShareService(MultiService):
             ),
         )
         self.root = root
-        site = QuietSite(root, request_log=config.http.request_log, next_arrival=self.jpip.next_arrival)
+        hc = config.http
+        limits = HttpLimits(
+            # Request bodies by path: the resources that take large ones; the rest hold little.
+            bodies=BodyLimits(hc.max_body, {"/jpip": jc.max_body, "/xds": config.xds.max_body}),
+            header_timeout=hc.header_timeout,
+            body_timeout=hc.body_timeout,
+            idle_timeout=hc.idle_timeout,
+        )
+        site = QuietSite(root, request_log=hc.request_log, next_arrival=self.jpip.next_arrival, limits=limits,
+                         reactor=reactor)
         site.observers.append(jpip_resource.observe)
-        self.http = ListenerService(serverFromString(reactor, config.http.listen), site, config.http.public_url,
+        config_dir = config.path.parent if config.path else None
+        self.http = ListenerService(server_endpoint(reactor, hc.listen, config_dir),
+                                    self._capped(site, "HTTP", refusal=HTTP_REFUSAL), hc.public_url,
                                     on_listening=self._http_listening)
         self.jpip_tcp: ListenerService | None = None
         if jc.tcp_listen:
             self.jpip_tcp = ListenerService(
-                serverFromString(reactor, jc.tcp_listen),
-                self.jpip_aux.factory(),
+                server_endpoint(reactor, jc.tcp_listen, config_dir),
+                self._capped(self.jpip_aux.factory(), "JPIP aux"),
                 "JPIP http-tcp channels",
                 name="jpip-tcp",
                 label="JPIP aux",
                 on_listening=self._aux_listening,
             )
-        config_dir = config.path.parent if config.path else None
         self.dicom = DicomListenerService(
             config.dicom,
             StoreHandler(self.ingestor, self.bridge, self._stored),
@@ -288,6 +309,12 @@ class ImageShareService(MultiService):
         for child in (*listeners, self.db_pool, self.wado_pool, self.transcode_pool, self.transcoder,
                       self.jpip_sweeper, self.manifests, *([self.xds] if self.xds is not None else [])):
             child.setServiceParent(self)
+
+    def _capped(self, factory: Any, label: str, *, refusal: bytes | None = None) -> CappedFactory:
+        # Each listener counts its own connections, within the [http] caps.
+        hc = self.config.http
+        return CappedFactory(factory, ConnectionCaps(hc.max_connections, hc.max_connections_per_address),
+                             self.reactor, label=label, refusal=refusal)
 
     def _xds_counts(self) -> dict[str, int]:
         # The submitter's counts as of its last change: /status stays off the database.
@@ -325,6 +352,9 @@ class ImageShareService(MultiService):
             )
         self.log.info("ImageShare {version} starting, data in {data_dir}", version=__version__,
                       data_dir=str(self.config.storage.data_dir))
+        c = self.config
+        # Every connection the caps admit is a file; 256 more for the archive, pools and catalog.
+        ensure_open_files(c.http.max_connections * (2 if c.jpip.tcp_listen else 1) + c.dicom.max_associations + 256)
         super().startService()
         # Everything built so far (modules, the service tree) lives as long as the process:
         # keep it out of the collector's full passes, which otherwise pause the reactor
