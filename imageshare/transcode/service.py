@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 
 from imageshare.interfaces import ICatalog
 from imageshare.logsafe import Logger
+from imageshare.transcode.job import Cancelled
 from imageshare.workers import BrokenProcessPool, ProcessPoolService, WorkerPoolService
 
 
@@ -118,6 +119,10 @@ class TranscodeService(Service):
             if self._on_done is not None:
                 self._on_done(uid)
             self.log.info("transcoded {sop_instance_uid}: {summary}", sop_instance_uid=uid, summary=summary)
+        except Cancelled:
+            # The server is stopping: the instance stays pending and is resumed at the next start.
+            self.log.info("transcoding {sop_instance_uid} stopped with the server; it stays pending",
+                          sop_instance_uid=uid)
         except BrokenProcessPool:
             if uid == self._alone or self._give_up is None:
                 self._suspects.discard(uid)

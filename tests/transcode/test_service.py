@@ -157,3 +157,25 @@ def test_on_done_is_called_after_each_transcode() -> None:
     while pool.running:
         pool.finish_one()
     assert done == ["1", "2"]
+
+
+def test_a_job_cancelled_by_the_stop_is_neither_failed_nor_a_crash() -> None:
+    """A job that stops because the server stops leaves its instance pending, logged at info,
+    not counted as failed nor set aside as a crash (it resumes at the next start)."""
+    from twisted.logger import LogLevel
+
+    from imageshare.transcode.job import Cancelled
+
+    def job(uid: str) -> None:
+        raise Cancelled()
+
+    events: list[dict[str, Any]] = []
+    pool = SyncPool(1)
+    svc = TranscodeService(job, FakeCatalog([]), pool, ImmediatePool())  # type: ignore[arg-type]
+    svc.log = svc.log.__class__(namespace="test", observer=events.append)
+    svc.startService()
+    svc.enqueue("1")
+    pool.finish_one()
+    assert svc.failed == 0 and "1" not in svc._crashed
+    assert [e["log_level"] for e in events] == [LogLevel.info]
+    assert "stays pending" in events[0]["log_format"]
