@@ -10,6 +10,7 @@ folder of the config file, not the working directory of the process.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -67,6 +68,9 @@ class HttpConfig:
     body_timeout: float  # the body complete within this after the headers
     idle_timeout: float  # a connection without a request in progress
     max_body: int  # request bodies at resources without a limit of their own
+    # Browser-facing resources (/jpip, /wado): origins allowed to read answers (CORS).
+    cors_origins: tuple[str, ...] = ()
+    max_request_line: int = 16384  # longer request lines get 414
 
 
 @attrs.frozen
@@ -86,13 +90,21 @@ class JpipConfig:
     max_sessions: int
     max_model_bytes: int
     chunked: bool
-    cors_origins: tuple[str, ...]
     target_cache: int
     tcp_listen: str | None
     tcp_window: int
     tcp_attach_timeout: float
     max_sessions_per_client: int
     max_body: int  # POST bodies at /jpip
+    # Announced in JPIP-cnew for http-tcp channels instead of where tcp_listen binds, for an
+    # aux port reached through NAT or a TCP proxy; None: the listening port, no host=.
+    tcp_public_host: str | None = None
+    tcp_public_port: int | None = None
+    # Tile-header data-bin layout: "part9" (ISO/IEC 15444-9, Kakadu-family clients) for
+    # everyone, except clients whose User-Agent starts with one of openjpeg_user_agents,
+    # which get "openjpeg" (what OpenJPEG's viewer and decoder rebuild from).
+    tile_header_layout: str = "part9"
+    openjpeg_user_agents: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -160,6 +172,9 @@ class DicomDestination:
     host: str
     port: int
     tls: bool = False
+    # Send JPIP Referenced headers (.94) where it accepts them: only for destinations known
+    # to store them. Many accept .94 in negotiation and then abort (Orthanc, dcmtk).
+    jpip: bool = False
 
 
 @attrs.frozen
@@ -182,6 +197,8 @@ class Config:
     dicom_destinations: tuple[DicomDestination, ...]
     xds: XdsConfig
     log: LogConfig = LogConfig(level="info")
+    # Deprecated keys that were read, as one line each for the start-up log.
+    deprecations: tuple[str, ...] = ()
 
 
 # -- value parsers: each raises ValueError with a message fit for an operator ---------------
@@ -343,6 +360,7 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         base = file.resolve().parent
     r = _Reader(parser, base)
     public_url = r.get("http", "public_url", "http://127.0.0.1:8080", _public_url)
+    cors_origins, deprecations = _cors_origins(parser, r)
 
     config = Config(
         path=Path(path).resolve() if path is not None else None,
@@ -370,6 +388,8 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             body_timeout=r.get("http", "body_timeout", "120", _seconds),
             idle_timeout=r.get("http", "idle_timeout", "60", _seconds),
             max_body=r.get("http", "max_body", "65536", _int_range(0, 1 << 40)),
+            cors_origins=cors_origins,
+            max_request_line=r.get("http", "max_request_line", "16384", _int_range(1024, 65536)),
         ),
         transcode=TranscodeConfig(
             workers=r.get("transcode", "workers", "2", _int_range(1, 64)),
@@ -385,13 +405,16 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             max_sessions=r.get("jpip", "max_sessions", "1000", _int_range(1, 1_000_000)),
             max_model_bytes=r.get("jpip", "max_model_bytes", "8388608", _int_range(4096, 2**34)),
             chunked=r.get("jpip", "chunked", "yes", _bool),
-            cors_origins=r.get("jpip", "cors_origins", "", _origins),
             target_cache=r.get("jpip", "target_cache", "64", _int_range(1, 100_000)),
             tcp_listen=r.get("jpip", "tcp_listen", "tcp:8081:interface=127.0.0.1", _optional_endpoint(base)),
             tcp_window=r.get("jpip", "tcp_window", "1048576", _int_range(65535, 1 << 30)),
             tcp_attach_timeout=r.get("jpip", "tcp_attach_timeout", "30", _seconds),
             max_sessions_per_client=r.get("jpip", "max_sessions_per_client", "100", _int_range(1, 1_000_000)),
             max_body=r.get("jpip", "max_body", "1048576", _int_range(0, 1 << 40)),
+            tcp_public_host=r.get("jpip", "tcp_public_host", "", _public_host),
+            tcp_public_port=r.get("jpip", "tcp_public_port", "", _optional_port),
+            tile_header_layout=r.get("jpip", "tile_header_layout", "part9", _tile_header_layout),
+            openjpeg_user_agents=r.get("jpip", "openjpeg_user_agents", "", _user_agent_prefixes),
         ),
         manifest=ManifestConfig(
             enabled=r.get("manifest", "enabled", "yes", _bool),
@@ -408,12 +431,60 @@ def load(path: str | os.PathLike[str] | None) -> Config:
         dicom_destinations=_destinations(parser, r),
         xds=_xds(r, public_url),
         log=LogConfig(level=r.get("log", "level", "info", _log_level)),
+        deprecations=deprecations,
     )
     for section in parser.sections():
         for key in parser.options(section):
             if (section, key.lower()) not in r.used:
                 raise ConfigError(section, key, "unknown key (misspelt?)")
+    if config.jpip.tcp_listen is None:
+        for key in ("tcp_public_host", "tcp_public_port"):
+            if getattr(config.jpip, key) is not None:
+                raise ConfigError("jpip", key, "needs tcp_listen (http-tcp is off)")
     return config
+
+
+def _public_host(text: str) -> str | None:
+    # Goes into JPIP-cnew as host=<name>, inside a comma-separated header value: a DNS name
+    # or an IPv4 address only (an IPv6 literal would need brackets clients may not parse).
+    host = text.strip()
+    if not host:
+        return None
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(re.match(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", x) for x in labels):
+        raise ValueError(f"expected a host name or an IPv4 address, got {text!r}")
+    if all(x.isdigit() for x in labels):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"not a valid IPv4 address: {text!r}") from None
+    return host
+
+
+def _tile_header_layout(text: str) -> str:
+    layout = text.strip().lower()
+    if layout not in ("part9", "openjpeg"):
+        raise ValueError(f"expected part9 or openjpeg, got {text!r}")
+    return layout
+
+
+def _user_agent_prefixes(text: str) -> tuple[str, ...]:
+    # Comma-separated (User-Agents hold spaces, never commas in practice). An empty item
+    # would match every client: that is tile_header_layout = openjpeg, so say so.
+    if not text.strip():
+        return ()
+    items = tuple(t.strip() for t in text.split(","))
+    for item in items:
+        if not item:
+            raise ValueError(f"empty User-Agent prefix in {text!r} (to match every client, "
+                             "set tile_header_layout = openjpeg)")
+        if not re.match(r"^[\x20-\x7e]{1,200}$", item):
+            raise ValueError(f"expected printable ASCII User-Agent prefixes, got {item!r}")
+    return items
+
+
+def _optional_port(text: str) -> int | None:
+    return _int_range(1, 65535)(text.strip()) if text.strip() else None
 
 
 def _log_level(text: str) -> str:
@@ -436,22 +507,49 @@ def _optional_ae_title(text: str) -> str:
     return _ae_title(text) if text.strip() else ""
 
 
+_DESTINATION_OPTIONS = ("tls", "jpip")
+
+
 def _destinations(parser: configparser.ConfigParser, r: "_Reader") -> tuple[DicomDestination, ...]:
-    """``[dicom_destinations]``: ``AET = host:port`` (``host:port:tls`` for TLS), one per line."""
+    """``[dicom_destinations]``: ``AET = host:port[:option...]``, one per line; the options
+    are ``tls`` and ``jpip``, in any order."""
     if not parser.has_section("dicom_destinations"):
         return ()
     out = []
     for key, text in parser.items("dicom_destinations", raw=True):
         r.used.add(("dicom_destinations", key.lower()))
-        m = re.match(r"^([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})(:tls)?$", text.strip())
+        m = re.match(r"^([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})((?::[^:]*)*)$", text.strip())
         if not m or not 0 < int(m.group(2)) < 65536:
-            raise ConfigError("dicom_destinations", key, f"expected host:port (or host:port:tls), got {text!r}")
+            raise ConfigError("dicom_destinations", key,
+                              f"expected host:port, optionally followed by :tls and/or :jpip, got {text!r}")
+        options = [o.strip().lower() for o in m.group(3).split(":")[1:]]
+        for option in options:
+            if option not in _DESTINATION_OPTIONS:
+                raise ConfigError("dicom_destinations", key, f"unknown option {option!r} (expected tls or jpip)")
+            if options.count(option) > 1:
+                raise ConfigError("dicom_destinations", key, f"option {option!r} given twice")
         try:
             aet = _ae_title(key)
         except ValueError as e:
             raise ConfigError("dicom_destinations", key, str(e)) from None
-        out.append(DicomDestination(aet, m.group(1).strip("[]"), int(m.group(2)), bool(m.group(3))))
+        out.append(DicomDestination(aet, m.group(1).strip("[]"), int(m.group(2)), "tls" in options, "jpip" in options))
     return tuple(out)
+
+
+def _cors_origins(parser: configparser.ConfigParser, r: "_Reader") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``[http] cors_origins``, or the deprecated ``[jpip] cors_origins`` it replaced; and the warnings."""
+    def written(section: str) -> bool:
+        return parser.has_section(section) and any(o.lower() == "cors_origins" for o in parser.options(section))
+
+    origins = r.get("http", "cors_origins", "", _origins)
+    if not written("jpip"):
+        return origins, ()
+    legacy = r.get("jpip", "cors_origins", "", _origins)
+    if legacy and written("http"):
+        raise ConfigError("jpip", "cors_origins", "replaced by [http] cors_origins, which is set too: remove this one")
+    # Still honoured, so that an upgrade changes nothing; the start-up log says to move it.
+    warning = "[jpip] cors_origins is deprecated: it now applies to /wado too; write it as [http] cors_origins"
+    return origins or legacy, (warning,)
 
 
 def _origins(text: str) -> tuple[str, ...]:

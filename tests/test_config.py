@@ -58,9 +58,25 @@ def test_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
         ("http", "listen", "ssl:8443:privateKey=missing.key:caCerts=missing.pem"),
         ("jpip", "tcp_listen", "tcp:70000"),
         ("jpip", "tcp_listen", "ssl:8081:privateKey=missing.key"),
+        ("jpip", "tcp_public_port", "0"),
+        ("jpip", "tcp_public_port", "70000"),
+        ("jpip", "tcp_public_port", "http"),
+        ("jpip", "tcp_public_host", "two words"),
+        ("jpip", "tcp_public_host", "a.example,auxport=1"),
+        ("jpip", "tcp_public_host", "300.1.1.1"),
+        ("jpip", "tcp_public_host", "[2001:db8::1]"),
+        ("jpip", "tile_header_layout", "kakadu"),
+        ("jpip", "tile_header_layout", ""),
+        ("jpip", "openjpeg_user_agents", "Java/,,kdu"),
+        ("jpip", "openjpeg_user_agents", "Java/,"),
+        ("jpip", "openjpeg_user_agents", "Jav\u00e4/"),
         ("http", "public_url", "ftp://example"),
         ("http", "public_url", "http://host/path?query"),
         ("http", "request_log", "maybe"),
+        ("http", "max_request_line", "1023"),
+        ("http", "max_request_line", "65537"),
+        ("http", "cors_origins", "viewer.example.org"),
+        ("jpip", "cors_origins", "https://viewer.example.org/path"),
         ("transcode", "workers", "0"),
         ("transcode", "workers", "two"),
         ("transcode", "lossless", "perhaps"),
@@ -109,6 +125,50 @@ def test_values_are_parsed(tmp_path: Path) -> None:
     assert c.transcode.lossless is False
 
 
+def test_jpip_public_aux_address(tmp_path: Path) -> None:
+    """[jpip] tcp_public_host and tcp_public_port are optional (None) and typed when set; set
+    without an aux listener, they are one line naming the key."""
+    f = tmp_path / "nat.ini"
+    assert (load(None).jpip.tcp_public_host, load(None).jpip.tcp_public_port) == (None, None)
+    f.write_text("[jpip]\ntcp_public_host = jpip.example.org\ntcp_public_port = 443\n")
+    c = load(f)
+    assert (c.jpip.tcp_public_host, c.jpip.tcp_public_port) == ("jpip.example.org", 443)
+    f.write_text("[jpip]\ntcp_public_host = 203.0.113.7\n")
+    assert load(f).jpip.tcp_public_host == "203.0.113.7"
+    for key, value in (("tcp_public_port", "9001"), ("tcp_public_host", "jpip.example.org")):
+        f.write_text(f"[jpip]\ntcp_listen =\n{key} = {value}\n")
+        with pytest.raises(ConfigError) as info:
+            load(f)
+        assert str(info.value) == f"[jpip] {key}: needs tcp_listen (http-tcp is off)"
+
+
+def test_jpip_tile_header_layout_and_openjpeg_user_agents(tmp_path: Path) -> None:
+    """[jpip] tile_header_layout is part9 (default) or openjpeg, any case; openjpeg_user_agents
+    is a comma-separated list of User-Agent prefixes (spaces kept inside, empty by default);
+    the shipped file has the defaults; a bad value is one line naming the key."""
+    default = load(None).jpip
+    assert (default.tile_header_layout, default.openjpeg_user_agents) == ("part9", ())
+    shipped = load(ROOT / "etc" / "imageshare.ini").jpip
+    assert (shipped.tile_header_layout, shipped.openjpeg_user_agents) == ("part9", ())
+    f = tmp_path / "opj.ini"
+    f.write_text("[jpip]\ntile_header_layout = OpenJPEG\n"
+                 "openjpeg_user_agents = Java/ , opj viewer/2,Mozilla/5.0 (X11\n")
+    c = load(f).jpip
+    assert c.tile_header_layout == "openjpeg"
+    assert c.openjpeg_user_agents == ("Java/", "opj viewer/2", "Mozilla/5.0 (X11")
+    for value, message in [
+        ("tile_header_layout = iso", "[jpip] tile_header_layout: expected part9 or openjpeg, got 'iso'"),
+        ("openjpeg_user_agents = Java/,", "[jpip] openjpeg_user_agents: empty User-Agent prefix in 'Java/,' "
+                                          "(to match every client, set tile_header_layout = openjpeg)"),
+        ("openjpeg_user_agents = Java/\u00e9", "[jpip] openjpeg_user_agents: expected printable ASCII "
+                                               "User-Agent prefixes, got 'Java/\u00e9'"),
+    ]:
+        f.write_text(f"[jpip]\n{value}\n", encoding="utf-8")
+        with pytest.raises(ConfigError) as info:
+            load(f)
+        assert str(info.value) == message and "\n" not in str(info.value)
+
+
 def test_manifest_and_destinations(config_file) -> None:  # type: ignore[no-untyped-def]
     """[manifest] defaults; [dicom_destinations] keeps AE title case; other keys any case."""
     c = load(config_file(
@@ -122,6 +182,23 @@ def test_manifest_and_destinations(config_file) -> None:  # type: ignore[no-unty
                 {"manifest": {"retrieve_location_uid": "1.2.x"}}, {"manifest": {"bogus": "1"}}):
         with pytest.raises(ConfigError):
             load(config_file(**bad))
+
+
+def test_destination_options(config_file) -> None:  # type: ignore[no-untyped-def]
+    """[dicom_destinations] takes :tls and :jpip after host:port, in any order; a bad or
+    repeated option is one line naming the key."""
+    c = load(config_file(dicom_destinations={
+        "PLAIN": "pacs:104", "VIEWER": "viewer.example.org:2762:jpip", "BOTH": "[::1]:11112:jpip:tls",
+        "TLSONLY": "h:1:TLS"}))
+    assert [(d.ae_title, d.host, d.port, d.tls, d.jpip) for d in c.dicom_destinations] == [
+        ("PLAIN", "pacs", 104, False, False), ("VIEWER", "viewer.example.org", 2762, False, True),
+        ("BOTH", "::1", 11112, True, True), ("TLSONLY", "h", 1, True, False)]
+    for value, message in [("h:104:jpeg", "unknown option 'jpeg'"), ("h:104:tls:tls", "'tls' given twice"),
+                           ("h:104:", "unknown option ''"), ("h:jpip", "expected host:port")]:
+        with pytest.raises(ConfigError) as e:
+            load(config_file(dicom_destinations={"PacsX": value}))
+        assert str(e.value).startswith("[dicom_destinations] PacsX: ") and message in str(e.value)
+        assert "\n" not in str(e.value)
 
 
 def test_listener_ca_certs_are_checked_against_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,3 +219,34 @@ def test_listener_ca_certs_are_checked_against_the_config_folder(tmp_path: Path,
         load(f)
     message = str(info.value)
     assert message.startswith("[http] listen: caCerts: no such file") and "\n" not in message
+
+
+def test_cors_origins_in_http_and_the_deprecated_jpip_key(tmp_path: Path) -> None:
+    """[http] cors_origins serves /jpip and /wado; the old [jpip] key still works with a
+    deprecation line for the start-up log; both set with values is one line naming the old key."""
+    f = tmp_path / "cors.ini"
+    assert load(None).http.cors_origins == () and load(None).deprecations == ()
+    f.write_text("[http]\ncors_origins = https://a.example, https://b.example:8443\n")
+    c = load(f)
+    assert c.http.cors_origins == ("https://a.example", "https://b.example:8443") and c.deprecations == ()
+    f.write_text("[jpip]\ncors_origins = *\n")
+    c = load(f)
+    assert c.http.cors_origins == ("*",)
+    assert c.deprecations == ("[jpip] cors_origins is deprecated: it now applies to /wado too; "
+                              "write it as [http] cors_origins",)
+    f.write_text("[jpip]\ncors_origins =\n[http]\ncors_origins = https://a.example\n")
+    c = load(f)  # an empty old key left behind (as the old etc/imageshare.ini had it)
+    assert c.http.cors_origins == ("https://a.example",) and len(c.deprecations) == 1
+    f.write_text("[jpip]\ncors_origins = https://a.example\n[http]\ncors_origins = https://b.example\n")
+    with pytest.raises(ConfigError) as info:
+        load(f)
+    assert str(info.value) == ("[jpip] cors_origins: replaced by [http] cors_origins, which is set too: "
+                               "remove this one")
+
+
+def test_max_request_line(tmp_path: Path) -> None:
+    """[http] max_request_line: 16384 by default (what Twisted served before), 1 KiB to 64 KiB."""
+    f = tmp_path / "line.ini"
+    assert load(None).http.max_request_line == 16384
+    f.write_text("[http]\nmax_request_line = 8192\n")
+    assert load(f).http.max_request_line == 8192
