@@ -4,7 +4,8 @@ instances a C-GET or C-MOVE identifier names.
 
 The information models (PS3.4 C.6.1 Patient Root, C.6.2 Study Root) are served with the
 hierarchical rules: the level's unique keys above the Query/Retrieve Level are required
-(single values, no wildcards), keys of the level and above are matched (the rules are in
+(single values, no wildcards); a C-FIND whose association negotiated relational queries
+(PS3.4 C.4.1.2.2.2) needs none of them. Keys of the level and above are matched (the rules are in
 :mod:`imageshare.dicom.matching`), keys of lower levels and keys the catalog does not hold
 come back empty. Every response carries Query/Retrieve Level and Retrieve AE Title, and
 Specific Character Set when its values need one.
@@ -201,10 +202,17 @@ class _Identifier:
 
 
 def find(
-    conn: sqlite3.Connection, model: str, identifier: Dataset, *, retrieve_ae_title: str, limit: int = 10_000
+    conn: sqlite3.Connection,
+    model: str,
+    identifier: Dataset,
+    *,
+    retrieve_ae_title: str,
+    limit: int = 10_000,
+    relational: bool = False,
 ) -> FindResult:
     """
-    Run a C-FIND.
+    Run a C-FIND; ``relational`` when the association negotiated relational queries, so
+    that the unique keys of the levels above the Query/Retrieve Level are not required.
 
     Raises
     ------
@@ -214,7 +222,8 @@ def find(
     """
     ident = _read(identifier)
     rank = _check_level(model, ident)
-    _require_unique_keys(model, ident, LEVELS.index(ident.level))
+    if not relational:
+        _require_unique_keys(model, ident, rank)
     keys = {kw: KEYS[kw] for kw in ident.values if LEVELS.index(KEYS[kw].level) <= rank}
     where, params = _where({kw: ident.values[kw] for kw, k in keys.items() if k.matchable}, keys)
     names = list(keys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import ssl
+import sys
 import urllib.parse
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, build_role, evt
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     ModalityWorklistInformationFind,
@@ -80,10 +82,13 @@ def destinations() -> Iterator[dict[str, StoreSCP]]:
 @pytest_twisted.async_fixture
 async def qr(start_server, destinations: dict[str, StoreSCP], tmp_path: Path, monkeypatch) -> dict[str, Any]:
     """A running server holding a 3-instance CT study, an MR, a JPEG 2000 SC and an RT plan,
-    transcoded, with the two destinations configured."""
+    transcoded, with the two destinations configured (JPIPDEST with ``:jpip``)."""
     # Other tests switch this process-wide flag on; the files must be sent decoded here.
     monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", False)
-    server = await start_server(dicom_destinations={name: f"127.0.0.1:{d.port}" for name, d in destinations.items()})
+    server = await start_server(dicom_destinations={
+        "PLAIN": f"127.0.0.1:{destinations['PLAIN'].port}",
+        "JPIPDEST": f"127.0.0.1:{destinations['JPIPDEST'].port}:jpip",  # configured to want .94
+    })
     ct = make_instances(tmp_path / "ct", 3, seed="qr")
     others = [sample_file(n) for n in ("MR_small.dcm", "JPEG2000.dcm", "rtplan.dcm")]
     statuses = await threads.deferToThread(scu_store, server.dicom_port, ct + others)
@@ -152,6 +157,80 @@ async def test_findscu_patient_and_study_root(qr: dict[str, Any]) -> None:
     _, log = await threads.deferToThread(findscu, server.dicom_port, "-S",
                                          ["QueryRetrieveLevel=PATIENT", "PatientID"], out)
     assert "Final Find Response (Error: DataSetDoesNotMatchSOPClass)" in log, log  # Study Root: no PATIENT level
+
+
+def find_negotiated(port: int, model: str, identifier: Dataset,
+                    relational: bool) -> tuple[bytes | None, list[tuple[int, Dataset | None]]]:
+    """C-FIND from a pynetdicom SCU, asking for relational queries (SOP Class Extended
+    Negotiation, Service Class Application Information byte 1 = 1) or not; returns what the
+    server answered for that item and the responses."""
+    ae = AE(ae_title="PYSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(model)
+    ext_neg = []
+    if relational:
+        item = SOPClassExtendedNegotiation()
+        item.sop_class_uid = model
+        item.service_class_application_information = b"\x01\x00\x00"  # relational, no dt/fuzzy matching
+        ext_neg.append(item)
+    assoc = ae.associate("127.0.0.1", port, ae_title=AET, ext_neg=ext_neg)
+    assert assoc.is_established
+    try:
+        answered = assoc.acceptor.sop_class_extended.get(model)
+        return answered, [(int(s.Status), i) for s, i in assoc.send_c_find(identifier, model)]
+    finally:
+        assoc.release()
+
+
+@pytest_twisted.ensureDeferred
+async def test_relational_find(qr: dict[str, Any]) -> None:
+    """C-FIND at IMAGE and SERIES level without the unique keys of the levels above is
+    answered when the SCU negotiated relational queries for its FIND SOP class (a pynetdicom
+    SCU, and pynetdicom's findscu with --relational-query), and refused with 0xA900 when it
+    did not (the same SCU without the item, and dcmtk's findscu, which has no option for
+    it: PS3.4 C.4.1.2.2 hierarchical rules)."""
+    port = qr["server"].dicom_port
+    ct_uids = sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in qr["ct"])
+    images = Dataset()
+    images.QueryRetrieveLevel = "IMAGE"
+    images.Modality = "CT"  # a SERIES key, matched at IMAGE level
+    images.StudyInstanceUID = images.SeriesInstanceUID = images.SOPInstanceUID = ""
+    mr = dcmread(sample_file("MR_small.dcm"), stop_before_pixels=True)
+    series = Dataset()
+    series.QueryRetrieveLevel = "SERIES"
+    series.PatientID = ""  # Patient Root: no PatientID, no StudyInstanceUID given
+    series.Modality = "MR"
+    series.SeriesInstanceUID = ""
+
+    for model, identifier in [(StudyRootQueryRetrieveInformationModelFind, images),
+                              (PatientRootQueryRetrieveInformationModelFind, series)]:
+        answered, responses = await threads.deferToThread(find_negotiated, port, model, identifier, True)
+        assert answered is not None and answered[:1] == b"\x01"
+        assert responses[-1] == (0x0000, None) and {s for s, _ in responses[:-1]} == {0xFF00}
+        found = [i for _, i in responses[:-1]]
+        if identifier is images:
+            assert sorted(str(d.SOPInstanceUID) for d in found) == ct_uids
+            assert {(d.StudyInstanceUID, d.SeriesInstanceUID) for d in found} == {(qr["ct_study"], qr["ct_series"])}
+        else:
+            assert [(d.SeriesInstanceUID, d.PatientID) for d in found] == [(mr.SeriesInstanceUID, mr.PatientID)]
+
+        answered, responses = await threads.deferToThread(find_negotiated, port, model, identifier, False)
+        assert answered is None and [s for s, _ in responses] == [0xA900]
+
+    # pynetdicom's findscu application, in its own process, with --relational-query.
+    out = qr["tmp"] / "relational"
+    out.mkdir()
+    result = await threads.deferToThread(run_with_deadline, [
+        sys.executable, "-m", "pynetdicom", "findscu", "-S", "--relational-query", "-w", "-aet", "FINDSCU",
+        "-aec", AET, "127.0.0.1", str(port), "-k", "QueryRetrieveLevel=IMAGE", "-k", "Modality=CT",
+        "-k", "SOPInstanceUID="], 60, cwd=out)
+    assert result.returncode == 0, result.stderr
+    assert sorted(str(dcmread(p).SOPInstanceUID) for p in out.glob("rsp*.dcm")) == ct_uids, result.stderr
+
+    # dcmtk's findscu cannot negotiate it: the hierarchical rules apply.
+    responses, log = await threads.deferToThread(findscu, port, "-S", [
+        "QueryRetrieveLevel=IMAGE", "Modality=CT", "SOPInstanceUID"], qr["tmp"] / "find")
+    assert responses == [] and "Final Find Response (Error: DataSetDoesNotMatchSOPClass)" in log, log
 
 
 @pytest_twisted.ensureDeferred

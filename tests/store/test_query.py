@@ -133,6 +133,23 @@ def test_lower_levels_need_the_unique_keys_above(catalog: SqliteCatalog) -> None
     assert [d.StudyInstanceUID for d in out] == ["1.1", "1.2"]
 
 
+def test_relational_queries_need_no_unique_keys_above(catalog: SqliteCatalog) -> None:
+    """Relational queries (negotiated): any level, keys of the level and above matched, no
+    unique key of a level above required; the model's levels still apply."""
+    out = find(catalog, STUDY_ROOT, identifier("IMAGE", Modality="MR", SOPInstanceUID="", StudyInstanceUID=""),
+               relational=True)
+    assert [(d.StudyInstanceUID, d.SOPInstanceUID) for d in out] == [("1.1", "1.1.2.1"), ("1.1", "1.1.2.2")]
+    out = find(catalog, PATIENT_ROOT, identifier("SERIES", PatientName="Doe*", StudyDate="20210101-", SeriesInstanceUID=""),
+               relational=True)
+    assert [d.SeriesInstanceUID for d in out] == ["1.2.1"]
+    with pytest.raises(QueryError) as e:
+        find(catalog, STUDY_ROOT, identifier("PATIENT", PatientID=""), relational=True)
+    assert e.value.status == 0xA900
+    with pytest.raises(QueryError) as e:  # the same query, not negotiated
+        find(catalog, STUDY_ROOT, identifier("IMAGE", Modality="MR", SOPInstanceUID=""))
+    assert e.value.status == 0xA900 and "StudyInstanceUID" in e.value.comment
+
+
 def test_series_and_image_levels(catalog: SqliteCatalog) -> None:
     """SERIES and IMAGE levels: modality, series number, counts, UID lists, image attributes."""
     out = find(catalog, STUDY_ROOT, identifier("SERIES", StudyInstanceUID="1.1", SeriesInstanceUID="",

@@ -61,7 +61,7 @@ from imageshare.endpoints import parse_dicom_endpoint
 from imageshare.dicom.derived import JPIP_REFERENCED
 from imageshare.logsafe import Logger
 from imageshare.protocols.dicom.handlers import StoreHandler, event_handlers
-from imageshare.protocols.dicom.qr import QueryRetrieveSCP
+from imageshare.protocols.dicom.qr import QueryRetrieveSCP, RetrieveAE
 from imageshare.protocols.dicom.server import GuardedAssociationServer
 
 _NATIVE = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
@@ -150,7 +150,8 @@ class DicomListenerService(Service):
 
     def _make_ae(self) -> AE:
         c = self._config
-        ae = AE(ae_title=c.ae_title)
+        # RetrieveAE: C-MOVE associations to destinations go through qr.DestinationLink.
+        ae = RetrieveAE(ae_title=c.ae_title)
         ae.maximum_pdu_size = c.max_pdu
         # The server admits at most this many connections, so pynetdicom's own check
         # (after negotiation, "Local Limit Exceeded") never fires before ours.
@@ -158,6 +159,7 @@ class DicomListenerService(Service):
         ae.acse_timeout = c.acse_timeout
         ae.dimse_timeout = c.dimse_timeout
         ae.network_timeout = c.network_timeout
+        ae.connection_timeout = c.acse_timeout  # TCP connect to a C-MOVE destination
         ae.require_called_aet = True
         if c.allowed_calling_aets:
             ae.require_calling_aet = list(c.allowed_calling_aets)

@@ -12,10 +12,28 @@ class: the JPIP Referenced header (1.2.840.10008.1.2.4.94, built by
 :mod:`imageshare.dicom.derived`) when .94 was accepted and the instance is streamable,
 else the archived original when its syntax (or a native one pynetdicom can convert it to)
 was accepted, else the pixels decoded to Explicit VR Little Endian. For C-GET the
-contexts are those the SCU proposed with the SCP role; for C-MOVE we propose, per SOP
-class, the original compressed syntax, Explicit/Implicit VR Little Endian, and .94 each in
-a presentation context of its own so that the destination accepts or rejects them
-independently (PS3.17 GG).
+contexts are those the SCU proposed with the SCP role (the listener accepts .94 only in a
+context that proposes it alone); for C-MOVE we propose, per SOP class, the original
+compressed syntax, Explicit/Implicit VR Little Endian, and, only to a destination
+configured with ``:jpip``, .94, each in a presentation context of its own so that the
+destination accepts or rejects them independently (PS3.17 GG). Accepting .94 in
+negotiation proves nothing: Orthanc and dcmtk accept it and then abort the association
+when such an object arrives.
+
+Every C-STORE sub-operation goes through a :class:`StoreSender`, which logs each failed
+one (SOP Instance UID, transfer syntax, destination, the peer's status) and makes sure
+pynetdicom counts it as what it was. For C-MOVE, pynetdicom opens the association to the
+destination with the listener AE's ``associate``; :class:`RetrieveAE` hands it to a
+:class:`DestinationLink`, which re-associates once when the destination aborts
+mid-retrieve. The sub-operation in flight then counts as failed (the destination may
+have aborted because of that very object, so it is not sent again; if it was a JPIP
+header, the new association does not propose .94); if the second association is lost
+too, the retrieve ends with the rest counted as failed.
+
+C-FIND answers relational queries (PS3.4 C.4.1.2.2.2: no unique keys required above the
+level) when the requestor negotiated them for its FIND SOP class (SOP Class Extended
+Negotiation, relational-queries byte 1, PS3.4 C.5.1.1); otherwise the hierarchical
+rules apply.
 
 Bad identifiers get the information model's failure statuses with an Error Comment.
 pynetdicom asks a retrieve handler for its sub-operation count before any status, so a
@@ -37,8 +55,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import build_context, evt
+from pynetdicom import AE, build_context, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from imageshare.config import DicomDestination
 from imageshare.dicom import derived
@@ -56,6 +76,14 @@ PENDING = 0xFF00
 PENDING_WARNING = 0xFF01  # one or more optional keys were not supported
 CANCEL = 0xFE00
 INTERNAL_ERROR = 0xC000
+UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702
+SUB_OPERATIONS_WITH_FAILURES = 0xB000  # Warning: one or more sub-operations failed
+_STORE_WARNING = 0xB000  # what pynetdicom must count as a warning sub-operation
+_STORE_FAILURE = 0x0110  # ... as a failed one (Processing failure)
+
+# The FIND SOP classes whose extended negotiation can ask for relational queries.
+_FIND_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1"})
+_MAX_APP_INFO = 8  # bytes of Service Class Application Information we answer (5 defined)
 
 JPIP = "jpip"
 ORIGINAL = "original"
@@ -82,11 +110,12 @@ def choose_form(original_syntax: str, streamable: bool, accepted: Iterable[str])
     return None
 
 
-def move_contexts(matches: Iterable[query.Match]) -> list[PresentationContext]:
+def move_contexts(matches: Iterable[query.Match], *, jpip: bool = False) -> list[PresentationContext]:
     """The storage contexts to propose to a C-MOVE destination, at most 128.
 
     Per SOP class: one per compressed original syntax, one native (Explicit and Implicit
-    VR Little Endian), and one with JPIP Referenced alone when an instance can stream.
+    VR Little Endian), and, if ``jpip`` (the destination is configured to want headers),
+    one with JPIP Referenced alone when an instance can stream.
     """
     wanted: dict[str, list[UID]] = {}
     for m in matches:
@@ -94,7 +123,7 @@ def move_contexts(matches: Iterable[query.Match]) -> list[PresentationContext]:
         ts = UID(m.transfer_syntax_uid)
         if ts not in _LITTLE_NATIVE and ts not in syntaxes:
             syntaxes.append(ts)
-        if m.state is State.STREAMABLE and derived.JPIP_REFERENCED not in syntaxes:
+        if jpip and m.state is State.STREAMABLE and derived.JPIP_REFERENCED not in syntaxes:
             syntaxes.append(derived.JPIP_REFERENCED)
     contexts = []
     for sop_class, syntaxes in wanted.items():
@@ -130,6 +159,218 @@ def client_tls_context(listen: str, config_dir: Path | None) -> ssl.SSLContext:
     return context
 
 
+def relational_reply(app_info: Mapping[str, bytes]) -> dict[str, bytes]:
+    """The SOP Class Extended Negotiation answer (PS3.4 C.5.1.1.2): relational queries for
+    the Q/R FIND SOP classes when asked for; no other extended behaviour (combined
+    date-time, fuzzy matching, time zones) is offered."""
+    reply: dict[str, bytes] = {}
+    for sop_class, info in app_info.items():
+        if str(sop_class) in _FIND_CLASSES and info:
+            size = min(len(info), _MAX_APP_INFO)
+            reply[sop_class] = bytes([1 if info[0] == 1 else 0]) + bytes(size - 1)
+    return reply
+
+
+def relational_negotiated(event: Any) -> bool:
+    """Whether the association accepted relational queries for the request's SOP class."""
+    try:
+        info = event.assoc.acceptor.sop_class_extended.get(str(event.request.AffectedSOPClassUID))
+    except AttributeError:
+        return False
+    return bool(info) and info[0] == 1
+
+
+def _outcome(status: int) -> str:
+    """The outcome of a C-STORE status: success, warning or failure (PS3.4 B.2.3, PS3.7 C)."""
+    if status == 0x0000:
+        return "success"
+    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
+        return "warning"
+    return "failure"  # Cancel (0xFE00) included: the instance was not stored
+
+
+class SubOperationFailed(Exception):
+    """A C-STORE sub-operation not sent, or that got no status; pynetdicom counts it as failed."""
+
+
+class NoResponse(SubOperationFailed):
+    """No C-STORE response: the association is over (aborted, closed, or timed out)."""
+
+
+def _no_response(assoc: Association) -> str:
+    # peek_next_pdu: the association's thread may already have taken the abort off the queue.
+    try:
+        if assoc.acse.is_aborted("a-abort"):
+            return "no response: A-ABORT from the destination"
+        if assoc.acse.is_aborted("a-p-abort"):
+            return "no response: the connection closed"
+    except Exception:  # only a better message is at stake
+        pass
+    return "no response: the association ended" if not assoc.is_established else "no response"
+
+
+class StoreSender:
+    """
+    Sends the C-STORE sub-operations of one C-GET or C-MOVE as pynetdicom asks for them.
+
+    Logs every sub-operation that fails (warn) or ends with a warning (info) with the SOP
+    Instance UID, the transfer syntax, the destination AE and the peer's status, and keeps
+    pynetdicom's counts true: a status it does not know, or files under another category
+    (0xFE00, 0x0001, 0xB0xx other than B000/B006/B007), is replaced by one of the same
+    outcome; a missing response (an abort) is raised as :class:`NoResponse`, and an
+    instance that cannot be sent (:func:`_unsendable`) as :class:`SubOperationFailed`.
+    Runs in the association's thread, like pynetdicom.
+    """
+
+    def __init__(self, operation: str, destination: str, peer: Mapping[str, Any]) -> None:
+        self.operation = operation  # "C-GET" or "C-MOVE"
+        self.destination = destination
+        self.peer = dict(peer)  # calling_aet and peer of the retrieve's requestor
+        self.completed = 0
+        self.warnings = 0
+        self.failed: list[str] = []  # SOP Instance UIDs, as pynetdicom lists them
+
+    def send(self, assoc: Association, dataset: Dataset, **kwargs: Any) -> Dataset:
+        uid = str(dataset.get("SOPInstanceUID", ""))
+        syntax = str(getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", "") or "")
+        if isinstance(dataset, _Unsendable):
+            self._failed(uid, dataset.archived_syntax, None, f"not sent: {dataset.reason}")
+            raise SubOperationFailed(f"{uid} not sent")
+        try:
+            # The class's method: for a C-GET, the instance's is this sender.
+            rsp = Association.send_c_store(assoc, dataset, **kwargs)
+        except Exception as e:  # pynetdicom raises several types (no context, encoding, no association)
+            self._failed(uid, syntax, None, f"not sent: {type(e).__name__}: {e}")
+            raise
+        if "Status" not in rsp:
+            why = _no_response(assoc)
+            self._failed(uid, syntax, None, why)
+            raise NoResponse(f"{uid}: {why}")
+        status = int(rsp.Status)
+        outcome = _outcome(status)
+        known = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))
+        if known[0].lower() != outcome:
+            rsp.Status = {"warning": _STORE_WARNING, "failure": _STORE_FAILURE}.get(outcome, status)
+        if outcome == "failure":
+            self._failed(uid, syntax, status, f"status {status:#06x} {known[1] or '(unknown)'}".rstrip())
+            log.debug("{operation} sub-operation {sop_instance_uid}: error comment {comment}",
+                      operation=self.operation, sop_instance_uid=uid, comment=str(rsp.get("ErrorComment", "")))
+        elif outcome == "warning":
+            self.warnings += 1
+            log.info("{operation} sub-operation for {calling_aet}: {destination} stored {sop_instance_uid}"
+                     " ({transfer_syntax}) with warning status {status:#06x}",
+                     operation=self.operation, destination=self.destination, sop_instance_uid=uid,
+                     transfer_syntax=syntax, status=status, **self.peer)
+        else:
+            self.completed += 1
+        return rsp
+
+    def _failed(self, uid: str, syntax: str, status: int | None, reason: str) -> None:
+        self.failed.append(uid)
+        log.warn("{operation} sub-operation for {calling_aet} failed: {sop_instance_uid} ({transfer_syntax})"
+                 " to {destination}: {reason}",
+                 operation=self.operation, sop_instance_uid=uid, transfer_syntax=syntax or "unknown",
+                 destination=self.destination, status=status, reason=reason, **self.peer)
+
+
+class DestinationLink:
+    """
+    The association to a C-MOVE destination, in the shape pynetdicom uses it
+    (``is_established``, ``send_c_store``, ``release``), made again once when the
+    destination aborts (or otherwise ends) it mid-retrieve. If it ended while a JPIP
+    Referenced header was in flight, the new association does not propose .94: that is
+    how Orthanc and dcmtk answer such an object, and an original is always storable.
+    """
+
+    def __init__(self, sender: StoreSender, *, reassociations: int = 1) -> None:
+        self.sender = sender
+        self._left = reassociations
+        self._connect: Callable[[bool], Association] | None = None
+        self._assoc: Association | None = None
+        # The association that left a C-STORE unanswered: over, even while its thread has
+        # not yet caught up with the abort and it still says it is established.
+        self._spent: Association | None = None
+        self._without_jpip = False
+
+    def open(self, connect: Callable[[bool], Association]) -> Any:
+        """Associate (``connect(without_jpip)``); what pynetdicom gets back from
+        ``ae.associate``: this link, or the failed association (pynetdicom then reports
+        0xA801 and closes its socket)."""
+        self._connect = connect
+        self._assoc = connect(False)
+        return self if self._assoc.is_established else self._assoc
+
+    @property
+    def is_established(self) -> bool:
+        return self._assoc is not None and self._assoc.is_established
+
+    @property
+    def lost(self) -> bool:
+        """The association is gone and may not be made again (re-associates if it may)."""
+        return self.current() is None
+
+    def current(self) -> Association | None:
+        """The established association, re-associating if it was lost and may be."""
+        if self._assoc is None or (self._assoc.is_established and self._assoc is not self._spent):
+            return self._assoc
+        if self._left <= 0 or self._connect is None:
+            return None
+        self._left -= 1
+        log.warn("the C-MOVE association to {destination} for {calling_aet} ended; associating again{without}",
+                 destination=self.sender.destination, without=" without JPIP Referenced" if self._without_jpip else "",
+                 **self.sender.peer)
+        self._assoc = self._connect(self._without_jpip)
+        if not self._assoc.is_established:
+            log.warn("cannot associate again with {destination} for {calling_aet}",
+                     destination=self.sender.destination, **self.sender.peer)
+            return None
+        return self._assoc
+
+    def accepted(self) -> dict[str, set[str]]:
+        """Syntaxes the destination accepted per SOP class, on the current association."""
+        assoc = self.current()
+        return storage_syntaxes(assoc.accepted_contexts) if assoc is not None else {}
+
+    def send_c_store(self, dataset: Dataset, **kwargs: Any) -> Dataset:
+        assoc = self.current()
+        if assoc is None:
+            uid = str(dataset.get("SOPInstanceUID", ""))
+            self.sender.failed.append(uid)
+            raise SubOperationFailed(f"{uid}: no association with {self.sender.destination}")
+        try:
+            return self.sender.send(assoc, dataset, **kwargs)
+        except NoResponse:
+            self._spent = assoc
+            meta = getattr(dataset, "file_meta", None)
+            self._without_jpip |= getattr(meta, "TransferSyntaxUID", None) == derived.JPIP_REFERENCED
+            raise
+
+    def release(self) -> None:
+        if self._assoc is not None and self._assoc.is_established and self._assoc is not self._spent:
+            self._assoc.release()
+
+
+class RetrieveAE(AE):
+    """
+    The listener's AE. pynetdicom opens a C-MOVE's association to the destination with
+    ``ae.associate(host, port, **kwargs)``, the kwargs being those the C-MOVE handler
+    yielded; given a ``link``, the association is made (and remade) through it.
+    """
+
+    def associate(self, addr: Any, port: int, *args: Any, link: DestinationLink | None = None,
+                  **kwargs: Any) -> Any:
+        if link is None:
+            return super().associate(addr, port, *args, **kwargs)
+
+        def connect(without_jpip: bool) -> Association:
+            kw = dict(kwargs)
+            if without_jpip and kw.get("contexts"):
+                kw["contexts"] = [cx for cx in kw["contexts"] if derived.JPIP_REFERENCED not in cx.transfer_syntax]
+            return AE.associate(self, addr, port, *args, **kw)
+
+        return link.open(connect)
+
+
 def _status(code: int, comment: str | None = None) -> Dataset:
     status = Dataset()
     status.Status = code
@@ -138,12 +379,19 @@ def _status(code: int, comment: str | None = None) -> Dataset:
     return status
 
 
-def _unsendable(match: query.Match) -> Dataset:
-    # pynetdicom counts a sub-operation as failed, and lists its UID, when sending the
-    # data set raises; without a SOP Class UID send_c_store raises before sending anything.
-    ds = Dataset()
-    ds.SOPInstanceUID = match.sop_instance_uid
-    return ds
+class _Unsendable(Dataset):
+    """Stands for an instance that cannot be sent: :class:`StoreSender` logs ``reason`` and
+    raises, and pynetdicom counts the sub-operation as failed and lists the UID."""
+
+    def __init__(self, match: query.Match, reason: str) -> None:
+        super().__init__()
+        self.SOPInstanceUID = match.sop_instance_uid
+        self.reason = reason
+        self.archived_syntax = match.transfer_syntax_uid
+
+
+def _unsendable(match: query.Match, reason: str) -> Dataset:
+    return _Unsendable(match, reason)
 
 
 def _identifier(event: Any) -> Dataset:
@@ -181,8 +429,13 @@ class QueryRetrieveSCP:
         self._tls_context = tls_context or ssl.create_default_context
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
-        """The (event, handler) pairs to bind on the listener's AE."""
-        return [(evt.EVT_C_FIND, self.find), (evt.EVT_C_GET, self.get), (evt.EVT_C_MOVE, self.move)]
+        """The (event, handler) pairs to bind on the listener's AE (a :class:`RetrieveAE`)."""
+        return [(evt.EVT_C_FIND, self.find), (evt.EVT_C_GET, self.get), (evt.EVT_C_MOVE, self.move),
+                (evt.EVT_SOP_EXTENDED, self.sop_extended)]
+
+    def sop_extended(self, event: Any) -> dict[str, bytes]:
+        """EVT_SOP_EXTENDED, during negotiation: see :func:`relational_reply`."""
+        return relational_reply(event.app_info)
 
     def _model(self, event: Any) -> str:
         model = query.information_model(event.request.AffectedSOPClassUID)
@@ -195,8 +448,10 @@ class QueryRetrieveSCP:
     def find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         peer = _peer(event)
         sent = 0
+        relational = False
         try:
             model = self._model(event)
+            relational = relational_negotiated(event)
             # The rows are fetched inside the block: the connection goes back to the pool
             # before the responses are sent.
             with self._catalog.reader() as conn:  # type: ignore[attr-defined]
@@ -206,6 +461,7 @@ class QueryRetrieveSCP:
                     _identifier(event),
                     retrieve_ae_title=self._ae_title,
                     limit=self._max_find_results,
+                    relational=relational,
                 )
             pending = PENDING_WARNING if result.unsupported else PENDING
             for response in result.responses:
@@ -225,8 +481,8 @@ class QueryRetrieveSCP:
             log.failure("C-FIND from {calling_aet} at {peer} failed unexpectedly", **peer)
             yield _status(INTERNAL_ERROR, "internal error, see the server log"), None
             return
-        log.info("C-FIND ({model} root) from {calling_aet} at {peer}: {count} match(es)",
-                 model=model.lower(), count=sent, **peer)
+        log.info("C-FIND ({model} root{relational}) from {calling_aet} at {peer}: {count} match(es)",
+                 model=model.lower(), relational=", relational" if relational else "", count=sent, **peer)
 
     # -- C-GET and C-MOVE --------------------------------------------------------------
 
@@ -247,7 +503,15 @@ class QueryRetrieveSCP:
         log.info("C-GET of {count} instance(s) for {calling_aet} at {peer}", count=len(matches), **peer)
         yield len(matches)
         accepted = storage_syntaxes(event.assoc.accepted_contexts)
-        yield from self._sub_operations(event, matches, lambda: accepted)
+        # pynetdicom sends the sub-operations itself with assoc.send_c_store and shows this
+        # handler none of their outcomes: route them through a sender while this C-GET runs.
+        assoc = event.assoc
+        sender = StoreSender("C-GET", str(peer["calling_aet"]), peer)
+        assoc.send_c_store = lambda dataset, **kw: sender.send(assoc, dataset, **kw)  # type: ignore[method-assign]
+        try:
+            yield from self._sub_operations(event, matches, lambda: accepted)
+        finally:
+            del assoc.send_c_store  # back to the class's method
 
     def move(self, event: Any) -> Iterator[Any]:
         peer = _peer(event)
@@ -262,42 +526,53 @@ class QueryRetrieveSCP:
         except QueryError as e:
             log.warn("refused C-MOVE from {calling_aet} at {peer}: {reason} (status {status:#06x})",
                      reason=e.comment, status=e.status, **peer)
-            yield destination.host, destination.port, self._association_args(destination, [], {})
+            yield destination.host, destination.port, self._association_args(destination, [])
             yield 1
             yield _status(e.status, e.comment), None
             return
-        # The destination's answer to our proposal, captured when the association is made.
-        negotiated: dict[str, Any] = {}
-        contexts = move_contexts(matches)
-        yield destination.host, destination.port, self._association_args(destination, contexts, negotiated)
+        link = DestinationLink(StoreSender("C-MOVE", destination.ae_title, peer))
+        args = self._association_args(destination, move_contexts(matches, jpip=destination.jpip))
+        yield destination.host, destination.port, {**args, "link": link}
         log.info("C-MOVE of {count} instance(s) to {destination} for {calling_aet} at {peer}",
                  count=len(matches), destination=destination.ae_title, **peer)
         yield len(matches)
-        yield from self._sub_operations(event, matches, lambda: storage_syntaxes(negotiated.get("contexts", ())))
+        yield from self._sub_operations(event, matches, link.accepted, link)
 
-    def _association_args(
-        self, destination: DicomDestination, contexts: list[PresentationContext], negotiated: dict[str, Any]
-    ) -> dict[str, Any]:
-        def established(event: Any) -> None:
-            negotiated["contexts"] = list(event.assoc.accepted_contexts)
-
-        args: dict[str, Any] = {
-            "contexts": contexts or [build_context("1.2.840.10008.1.1")],  # Verification
-            "evt_handlers": [(evt.EVT_ESTABLISHED, established)],
-        }
+    def _association_args(self, destination: DicomDestination, contexts: list[PresentationContext]) -> dict[str, Any]:
+        args: dict[str, Any] = {"contexts": contexts or [build_context("1.2.840.10008.1.1")]}  # Verification
         if destination.tls:
             args["tls_args"] = (self._tls_context(), destination.host)
         return args
 
     def _sub_operations(
-        self, event: Any, matches: list[query.Match], accepted: Callable[[], Mapping[str, set[str]]]
-    ) -> Iterator[tuple[int, Dataset | None]]:
-        for match in matches:
+        self,
+        event: Any,
+        matches: list[query.Match],
+        accepted: Callable[[], Mapping[str, set[str]]],
+        link: DestinationLink | None = None,
+    ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        for index, match in enumerate(matches):
             if event.is_cancelled:
                 log.info("retrieve for {calling_aet} cancelled", **_peer(event))
                 yield CANCEL, None
                 return
-            yield PENDING, self._prepare(match, accepted().get(match.sop_class_uid, set()))
+            syntaxes = accepted().get(match.sop_class_uid, set())  # may associate again (C-MOVE)
+            if link is not None and link.lost:
+                yield self._give_up(event, link, matches[index:])
+                return
+            yield PENDING, self._prepare(match, syntaxes)
+
+    def _give_up(self, event: Any, link: DestinationLink, rest: list[query.Match]) -> tuple[Dataset, Dataset]:
+        """The final response once the destination is gone for good: pynetdicom adds the
+        sub-operations not attempted to the failed ones."""
+        sender = link.sender
+        log.warn("C-MOVE to {destination} for {calling_aet} at {peer} ends: the association was lost again;"
+                 " {count} sub-operation(s) not attempted", destination=sender.destination, count=len(rest),
+                 **_peer(event))
+        identifier = Dataset()
+        identifier.FailedSOPInstanceUIDList = sender.failed + [m.sop_instance_uid for m in rest]
+        done = sender.completed + sender.warnings
+        return _status(SUB_OPERATIONS_WITH_FAILURES if done else UNABLE_TO_PERFORM_SUB_OPERATIONS), identifier
 
     def _prepare(self, match: query.Match, accepted: set[str]) -> Dataset:
         """The data set to send for ``match``, or one pynetdicom will count as failed."""
@@ -305,14 +580,12 @@ class QueryRetrieveSCP:
         frames = self._catalog.frames(uid) if match.state is State.STREAMABLE else []
         form = choose_form(match.transfer_syntax_uid, bool(frames), accepted)
         if form is None:
-            log.warn("cannot send {sop_instance_uid}: no accepted transfer syntax fits (accepted: {accepted})",
-                     sop_instance_uid=uid, accepted=", ".join(sorted(accepted)) or "none")
-            return _unsendable(match)
+            fits = ", ".join(sorted(accepted)) or "none"
+            return _unsendable(match, f"no accepted transfer syntax fits (accepted: {fits})")
         try:
             original = derived.read_part10(self._archive.path(match.path).read_bytes())
         except (OSError, ValueError, InvalidDicomError) as e:
-            log.warn("cannot read {sop_instance_uid} from the archive: {reason}", sop_instance_uid=uid, reason=e)
-            return _unsendable(match)
+            return _unsendable(match, f"cannot read it from the archive: {e}")
         try:
             if form == JPIP:
                 try:
@@ -324,6 +597,5 @@ class QueryRetrieveSCP:
             if form == NATIVE:
                 return derived.native(original)
         except derived.DerivationError as e:
-            log.warn("cannot send {sop_instance_uid} decoded: {reason}", sop_instance_uid=uid, reason=e)
-            return _unsendable(match)
-        return original if form == ORIGINAL else _unsendable(match)
+            return _unsendable(match, f"cannot decode it: {e}")
+        return original if form == ORIGINAL else _unsendable(match, "no accepted transfer syntax fits")
