@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -16,7 +17,31 @@ from imageshare.logsafe import Logger
 
 T = TypeVar("T")
 
-__all__ = ["BrokenProcessPool", "ProcessPoolService", "WorkerPoolService"]
+__all__ = ["BrokenProcessPool", "ProcessPoolService", "SharedFlag", "WorkerPoolService"]
+
+
+class SharedFlag:
+    """
+    A flag this process sets and worker processes read: one byte of shared memory.
+
+    It stands in for ``multiprocessing.Event`` (same ``set``/``is_set``), which is five
+    named POSIX semaphores: twistd ends a SIGTERM stop by re-raising the signal, so
+    multiprocessing's exit finalizers never unlink them, and its resource tracker then
+    reports "5 leaked semaphore objects". Shared memory is an unlinked file whose
+    descriptor dies with the process, so nothing is left to clean up. Workers only poll
+    the flag between frames, which needs no lock.
+
+    Pass it to worker processes when they start (``initargs``), as any shared ctypes value.
+    """
+
+    def __init__(self) -> None:
+        self._value = multiprocessing.get_context("spawn").RawValue(ctypes.c_bool, False)
+
+    def set(self) -> None:
+        self._value.value = True
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
 
 
 class WorkerPoolService(Service):

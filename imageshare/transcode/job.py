@@ -39,7 +39,7 @@ class Cancelled(Exception):
 
 
 class StopFlag(Protocol):
-    """A ``threading.Event`` or ``multiprocessing.Event``: set when the server stops."""
+    """Set when the server stops: a ``threading.Event`` or :class:`imageshare.workers.SharedFlag`."""
 
     def is_set(self) -> bool: ...
 
