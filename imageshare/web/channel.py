@@ -20,7 +20,14 @@ Bounds (:class:`~imageshare.web.limits.HttpLimits`, from the site):
   first byte, the body within ``body_timeout`` of the headers; otherwise 408 and close.
   Twisted's own idle timeout restarts on every byte, which keeps a trickling client
   forever, so it is off and these deadlines replace it;
-- a connection with no request in progress closes after ``idle_timeout``.
+- a connection with no request in progress closes after ``idle_timeout``;
+- a request line over ``max_request_line`` gets 414, a head over ``max_head`` (or one
+  header line that alone would pass it) 431. Twisted's ``LineReceiver`` closes the
+  connection without a word past its line limit, so the channel sets that limit to ours
+  and answers instead; it never holds more than the limit of the line it is reading. The
+  rest of the refused head is discarded (bounded in time and bytes) and the connection
+  closes when the head's blank line has gone by, so a client that sends its whole request
+  before reading gets the answer rather than a reset.
 
 None of them runs while a request is being answered: a long JPIP stream is never cut.
 """
@@ -36,6 +43,7 @@ from twisted.web.server import Request
 
 from imageshare.logsafe import Logger
 from imageshare.web.clients import address_key
+from imageshare.web.headers import WireCaseHeaders
 from imageshare.web.pipeline import RequestScanner, RequestStarted, ScannedRequest
 
 log = Logger(namespace="imageshare.http")
@@ -81,6 +89,12 @@ class ScanningHTTPChannel(HTTPChannel):
         self._abort_call: IDelayedCall | None = None
         self._cut = False  # answered 408/413 and closing: nothing more is parsed or kept
         self._linger_left: int | None = None  # bytes still to discard before closing
+        self._head_tail: bytes | None = None  # after a 414/431: the last bytes, to see the head end
+        self._in_head = False  # the request line is in, the headers are being read
+        limits = self.site.limits
+        # LineReceiver buffers a line up to MAX_LENGTH: ours, per line kind (see lineReceived).
+        self.MAX_LENGTH = limits.max_request_line
+        self.totalHeadersSize = limits.max_head
         self._body_limit = 0
         self._body_seen = 0
         super().connectionMade()
@@ -88,7 +102,7 @@ class ScanningHTTPChannel(HTTPChannel):
         # are megabytes, and each extra pass through the reactor costs more than the copy.
         if hasattr(self.transport, "SEND_LIMIT"):
             self.transport.SEND_LIMIT = _SEND_LIMIT
-        self._scanner = RequestScanner()
+        self._scanner = RequestScanner(max_head=limits.max_head, max_request_line=limits.max_request_line)
         self._untaken: collections.deque[int] = collections.deque()  # numbered, no Request yet
         self._incomplete: dict[int, int] = {}  # request index → number, until its bytes are in
         self._replaying = False
@@ -125,6 +139,44 @@ class ScanningHTTPChannel(HTTPChannel):
 
     # -- receive bounds ------------------------------------------------------------------
 
+    def lineReceived(self, line: bytes) -> None:
+        if self._cut:
+            return
+        if not self._in_head:
+            if line:  # the request line (an empty line before it is Twisted's to eat or refuse)
+                self._in_head = True
+                self.MAX_LENGTH = self.totalHeadersSize  # no header line is longer; the sum is checked below
+        elif self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            # Twisted would answer 400 here: say what is wrong. What follows this line in
+            # the same read is LineReceiver's buffer; take it so nothing more is parsed.
+            rest, self._buffer = self._buffer, b""
+            self._refuse_head(431, b"\r\n", rest)
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver found a line longer than MAX_LENGTH (or that much without its end):
+        # ``line`` is it, and whatever followed in the buffer. Twisted would just close.
+        if self._cut:
+            self._discard(line)
+            return
+        self._refuse_head(431 if self._in_head else 414, b"", line)
+
+    def _refuse_head(self, status: int, tail: bytes, rest: bytes) -> None:
+        limits = self.site.limits
+        if status == 414:
+            self._note("414", "request line from {address} longer than {limit} bytes: 414",
+                       limit=limits.max_request_line)
+            self._cut_short(414, b"URI Too Long", b"request line longer than %d bytes\n" % limits.max_request_line,
+                            linger=_LINGER_BYTES)
+        else:
+            self._note("431", "request head from {address} longer than {limit} bytes: 431", limit=limits.max_head)
+            self._cut_short(431, b"Request Header Fields Too Large",
+                            b"request line and headers longer than %d bytes\n" % limits.max_head, linger=_LINGER_BYTES)
+        # The rest of the head is read and dropped; the close comes at its blank line.
+        self._head_tail = tail
+        self._discard(rest)
+
     def allHeadersReceived(self) -> None:
         limit = self.site.limits.bodies.limit_for(self._path)
         if self.length is not None and self.length > limit:
@@ -157,6 +209,8 @@ class ScanningHTTPChannel(HTTPChannel):
     def allContentReceived(self) -> None:
         if self._cut:
             return  # a chunked body's end in the same read as the bytes that broke its limit
+        self._in_head = False  # Twisted reads the next request line after this answer
+        self.MAX_LENGTH = self.site.limits.max_request_line
         self._enter(_ANSWERING)
         super().allContentReceived()
 
@@ -216,10 +270,18 @@ class ScanningHTTPChannel(HTTPChannel):
             self._close()
 
     def _discard(self, data: bytes) -> None:
-        if self._linger_left is not None:
-            self._linger_left -= len(data)
-            if self._linger_left <= 0:
+        if self._linger_left is None:
+            return
+        self._linger_left -= len(data)
+        if self._head_tail is not None:
+            # A refused head: it ends at its blank line (a body after it is not waited for).
+            ended = b"\r\n\r\n" in self._head_tail + data[:3] or b"\r\n\r\n" in data
+            self._head_tail = data[-3:] if len(data) >= 3 else (self._head_tail + data)[-3:]
+            if ended:
                 self._close()
+                return
+        if self._linger_left <= 0:
+            self._close()
 
     def _close(self) -> None:
         self._linger_left = None
@@ -276,11 +338,13 @@ class ScanningHTTPChannel(HTTPChannel):
 class ArrivalRequest(Request):
     """
     A request that knows its arrival number (:attr:`arrival`), for pre-emption, has its
-    body metered by the channel, and names no software version in ``Server``.
+    body metered by the channel, names no software version in ``Server``, and writes JPIP
+    header names as ISO/IEC 15444-9 spells them (``JPIP-cnew``, see ``web/headers.py``).
     """
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
+        self.responseHeaders = WireCaseHeaders(dict(self.responseHeaders.getAllRawHeaders()))
         take = getattr(channel, "take_arrival", None)
         self.arrival: int | None = take() if take is not None else None
 

@@ -6,7 +6,8 @@ The channel (:mod:`imageshare.web.channel`) and the listeners' connection caps
 
 - :class:`BodyLimits`: the largest request body per path prefix, looked up from the
   request-target as soon as the headers are in, before any of the body is read;
-- :class:`HttpLimits`: that table and the three receive deadlines of a connection.
+- :class:`HttpLimits`: that table, the three receive deadlines of a connection and the
+  longest request line and head.
 
 Connections at once are counted by :class:`imageshare.conncaps.ConnectionCaps`.
 
@@ -87,9 +88,24 @@ class HttpLimits:
         Seconds from the end of the headers until the body is complete.
     idle_timeout
         Seconds a connection stays open with no request in progress.
+    max_request_line
+        Bytes of a request line (without CRLF); longer gets 414. Twisted's own bound was
+        16384 (a longer line closed the connection without an answer), kept as the default
+        so that no request served before is refused now (a JPIP GET may carry a long
+        ``model=``).
+    header_bytes
+        Bytes the header lines may add to the request line: the head (request line and
+        header lines, without CRLFs) is at most :attr:`max_head`; longer gets 431.
     """
 
     bodies: BodyLimits = BodyLimits(65536)
     header_timeout: float = 20.0
     body_timeout: float = 120.0
     idle_timeout: float = 60.0
+    max_request_line: int = 16384
+    header_bytes: int = 16384  # HTTPChannel.totalHeadersSize
+
+    @property
+    def max_head(self) -> int:
+        """Bytes of a whole head: request line and header lines, CRLFs not counted."""
+        return self.max_request_line + self.header_bytes

@@ -67,12 +67,14 @@ class RequestScanner:
     """Follow the requests on one connection; :meth:`feed` it every inbound byte, in order.
 
     Memory stays below ``max_head + max_body`` bytes (plus a pending CR): a head or
-    a declared body over its limit makes the scanner give up instead of buffering.
+    a declared body over its limit makes the scanner give up instead of buffering, as
+    does a request line over ``max_request_line`` (the channel refuses those with 414).
     """
 
-    def __init__(self, *, max_head: int = 16384, max_body: int = 65536) -> None:
+    def __init__(self, *, max_head: int = 16384, max_body: int = 65536, max_request_line: int | None = None) -> None:
         self._max_head = max_head  # HTTPChannel.totalHeadersSize
         self._max_body = max_body  # Twisted has no limit; we won't hold more
+        self._max_request_line = max_head if max_request_line is None else min(max_request_line, max_head)
         self._active = True
         self._count = 0
         self._reset()
@@ -112,8 +114,11 @@ class RequestScanner:
         return events
 
     def _take_line(self, data: bytes, pos: int, events: _Events) -> int:
-        # Never copy more than the head may still hold (+2 for the CRLF).
-        room = self._max_head - self._head_size + 2 - len(self._line)
+        # Never copy more than the head (or the request line) may still hold (+2 for the CRLF).
+        limit = self._max_head - self._head_size
+        if self._request is None:
+            limit = min(limit, self._max_request_line)
+        room = limit + 2 - len(self._line)
         nl = data.find(b"\n", pos, pos + room)
         end = min(len(data), pos + room) if nl < 0 else nl + 1
         self._line += data[pos:end]
@@ -121,7 +126,7 @@ class RequestScanner:
             line = bytes(self._line[:-2])
             self._line.clear()
             self._line_received(line, events)
-        elif self._head_size + len(self._line) - self._line.endswith(b"\r") > self._max_head:
+        elif len(self._line) - self._line.endswith(b"\r") > limit:
             raise _GiveUp
         return end
 

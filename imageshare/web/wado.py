@@ -57,6 +57,7 @@ from imageshare.wado.query import (
     parse_query,
 )
 from imageshare.web.clients import ClientKey, peer_address
+from imageshare.web.cors import Cors, add_vary
 
 __all__ = ["Answer", "WadoRetriever", "WadoResource", "SALT_SETTING"]
 
@@ -295,15 +296,23 @@ class WadoResource(Resource):
         many requests waiting gets 503 at once.
     client_key : callable
         Names the client of a request (the peer address).
+    cors_origins : tuple of str
+        Origins allowed to read the responses from a browser (``*`` for any):
+        ``[http] cors_origins``, see :mod:`imageshare.web.cors`.
     """
 
     isLeaf = True
 
-    def __init__(self, retriever: Any, queue: FairQueue, *, client_key: ClientKey = peer_address) -> None:
+    def __init__(self, retriever: Any, queue: FairQueue, *, client_key: ClientKey = peer_address,
+                 cors_origins: tuple[str, ...] = ()) -> None:
         super().__init__()
         self._retriever = retriever
         self._queue = queue
         self._client_key = client_key
+        # A viewer's script revalidates with If-None-Match and reads the ETag; Accept is
+        # listed because a long or unusual value is not safelisted.
+        self._cors = Cors(cors_origins, methods=("GET", "HEAD"), allow_headers=("Accept", "If-None-Match"),
+                          expose=("Content-Type", "ETag", "Retry-After"))
 
     def render_GET(self, request: Request) -> int | bytes:
         if request.postpath and request.postpath != [b""]:
@@ -313,6 +322,10 @@ class WadoResource(Resource):
             query = parse_query(raw_query, request.getHeader(b"accept"))
         except WadoError as e:
             return self._refuse(request, e)
+        if not query.content_types:
+            # Accept chooses the type (without one, the default: sending one could change
+            # it), so every answer from here on (200, 304, 406, 400 for a mismatch) varies.
+            add_vary(request, "Accept")
         # Everything else (catalog, files, decoding) blocks: on the pool, in the client's turn.
         header = request.getHeader(b"if-none-match")
         if_none_match = header.decode("latin-1") if header else None
@@ -347,8 +360,11 @@ class WadoResource(Resource):
     render_HEAD = render_GET
 
     def render(self, request: Request) -> int | bytes:
+        if request.method == b"OPTIONS":
+            return self._cors.preflight(request)
+        self._cors.apply(request)  # errors too: a script may read why it was refused
         if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
+            request.setHeader(b"allow", b"GET, HEAD, OPTIONS")
             return self._refuse(request, WadoError(405, "WADO-URI answers GET and HEAD only"))
         return super().render(request)  # type: ignore[no-any-return]
 

@@ -278,3 +278,56 @@ async def test_aux_listener_is_capped_per_address(start_server) -> None:
     finally:
         for s in held + extra + other:
             s.close()
+
+
+def send_whole_request(port: int, request: bytes, timeout: float = 30.0) -> tuple[bytes, float]:
+    """Send all of ``request`` before reading anything (as http.client and urllib do); the
+    answer and how long it took. A reset while sending counts as no answer."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError):
+            return b"", time.monotonic() - started
+        reply = read_reply(sock, timeout=timeout)
+    return reply, time.monotonic() - started
+
+
+def long_wado_url(size: int) -> bytes:
+    """A /wado request-target of ``size`` bytes (a query with one very long UID)."""
+    start = b"/wado?requestType=WADO&studyUID=1.2&seriesUID=1.2&objectUID="
+    return start + b"1" * (size - len(start))
+
+
+@pytest.mark.parametrize("size", [20 * 1024, 64 * 1024, 1024 * 1024])
+@pytest_twisted.ensureDeferred
+async def test_long_request_line_gets_414_at_every_length(start_server, size: int) -> None:
+    """A request line over [http] max_request_line (16 KiB) used to get no answer at all
+    (Twisted closed the connection); now 414 with Connection: close, even when the client
+    sends the whole 1 MB request before reading, and the server's memory stays flat."""
+    server = await start_server()
+    base = rss()
+    request = b"GET " + long_wado_url(size) + b" HTTP/1.1\r\nHost: localhost\r\nAccept: image/jpeg\r\n\r\n"
+    reply, elapsed = await threads.deferToThread(send_whole_request, server.http_port, request)
+    growth = rss() - base
+    status = reply.split(b"\r\n", 1)[0]
+    print(f"{size} byte request line: {status!r} in {elapsed * 1000:.0f} ms, "
+          f"RSS grew {growth / MIB:.1f} MiB")
+    assert reply.startswith(b"HTTP/1.1 414 URI Too Long\r\n"), reply[:200]
+    assert b"\r\nConnection: close\r\n" in reply and b"\r\nServer: ImageShare\r\n" in reply
+    assert elapsed < 10 and growth < 8 * MIB
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_lines_below_the_channel_limit_get_wado_414_and_long_headers_431(start_server) -> None:
+    """Between WADO's own query limit (4096) and the channel's (16 KiB) the WADO resource
+    answers 414; a header line of 40 KiB gets 431 rather than a silent close."""
+    server = await start_server()
+    request = b"GET " + long_wado_url(8 * 1024) + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    reply, _ = await threads.deferToThread(send_whole_request, server.http_port, request)
+    assert reply.startswith(b"HTTP/1.1 414 "), reply[:200]
+    assert b"query is longer than 4096 bytes" in reply
+    request = b"GET /status HTTP/1.1\r\nHost: localhost\r\nCookie: " + b"c" * (40 * 1024) + b"\r\n\r\n"
+    reply, _ = await threads.deferToThread(send_whole_request, server.http_port, request)
+    assert reply.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), reply[:200]
+    assert b"\r\nConnection: close\r\n" in reply

@@ -313,6 +313,128 @@ def test_server_header_names_no_version_on_any_response() -> None:
             e["log_failure"].cleanFailure()
 
 
+# -- request line and head length ---------------------------------------------------------------
+
+SHORT_LINES = HttpLimits(bodies=BodyLimits(100), max_request_line=200, header_bytes=300)
+
+
+def request_line_of(size: int) -> bytes:
+    """A GET request line of exactly ``size`` bytes (CRLF not counted)."""
+    start, end = b"GET /", b" HTTP/1.1"
+    return start + b"a" * (size - len(start) - len(end)) + end
+
+
+def test_request_line_at_the_limit_is_served_one_byte_more_gets_414() -> None:
+    """``max_request_line`` bytes are a request; one more is 414 with Connection: close."""
+    channel, transport, _ = connect(Recorder(), SHORT_LINES)
+    channel.dataReceived(request_line_of(200) + b"\r\nHost: x\r\n\r\n")
+    assert status_line(transport) == b"HTTP/1.1 200 OK"
+    channel, transport, _ = connect(Recorder(), SHORT_LINES)
+    channel.dataReceived(request_line_of(201) + b"\r\nHost: x\r\n\r\n")
+    reply = transport.value()
+    assert status_line(transport) == b"HTTP/1.1 414 URI Too Long"
+    assert b"\r\nConnection: close\r\n" in reply and b"\r\nServer: ImageShare\r\n" in reply
+    assert reply.endswith(b"\r\n\r\nrequest line longer than 200 bytes\n")
+    assert transport.disconnecting  # the head's end was in the same read
+
+
+@pytest.mark.parametrize("size", [20 * KIB, 64 * KIB, 1024 * KIB])
+@pytest.mark.parametrize("chunk", [1000, 65536])
+def test_long_request_line_is_refused_at_every_length_holding_no_more_than_the_limit(size: int, chunk: int) -> None:
+    """Twisted's line limit used to close without an answer. Now 414 comes as soon as the
+    line passes the limit, without waiting for its end; the channel's line buffer never
+    holds more than the limit; the rest of the head is read and dropped, and the connection
+    closes once the head's blank line has gone by (so the client can read the answer)."""
+    resource = Recorder()
+    channel, transport, _ = connect(resource, SHORT_LINES)
+    data = request_line_of(size) + b"\r\nHost: x\r\nX-After: y\r\n\r\n"
+    held = 0
+    for i in range(0, len(data) - 2, chunk):
+        channel.dataReceived(data[i : min(i + chunk, len(data) - 2)])
+        held = max(held, len(channel._buffer))  # LineReceiver's pending line
+        assert status_line(transport) == b"HTTP/1.1 414 URI Too Long"
+        assert not transport.disconnecting  # the head is not over yet
+    assert held <= 200 + 1
+    reply = transport.value()
+    channel.dataReceived(b"\r\n")
+    assert transport.disconnecting and transport.value() == reply and resource.bodies == []
+
+
+def test_refused_head_that_never_ends_is_closed_after_10_s() -> None:
+    """A client that goes on sending one endless line is discarded for 10 s, then closed."""
+    channel, transport, clock = connect(Recorder(), SHORT_LINES)
+    channel.dataReceived(b"GET /" + b"a" * 1000)
+    assert status_line(transport) == b"HTTP/1.1 414 URI Too Long"
+    for _ in range(9):
+        clock.advance(1)
+        channel.dataReceived(b"a" * 100_000)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting
+
+
+def test_head_over_its_limit_gets_431_one_long_line_or_many() -> None:
+    """Request line plus headers over ``max_head`` (500 here) get 431, whether one header
+    line is too long (even before its end arrives) or many short ones add up; exactly the
+    limit is served."""
+    line = request_line_of(100)  # + "Host: x" (7) leaves 393 bytes of further header lines
+    too_long = b"431 Request Header Fields Too Large"
+    for extra, status in ((b"X: " + b"v" * 390, b"200 OK"), (b"X: " + b"v" * 391, too_long)):
+        channel, transport, _ = connect(Recorder(), SHORT_LINES)
+        channel.dataReceived(line + b"\r\nHost: x\r\n" + extra + b"\r\n\r\n")
+        assert status_line(transport) == b"HTTP/1.1 " + status, len(extra)
+    channel, transport, _ = connect(Recorder(), SHORT_LINES)
+    channel.dataReceived(line + b"\r\nHost: x\r\n" + b"".join(b"X-%03d: v\r\n" % i for i in range(60)))
+    assert status_line(transport) == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert b"\r\nConnection: close\r\n" in transport.value() and not transport.disconnecting
+    channel.dataReceived(b"X-Last: v\r\n\r\n")
+    assert transport.disconnecting
+    channel, transport, _ = connect(Recorder(), SHORT_LINES)
+    channel.dataReceived(line + b"\r\nX-Long: " + b"v" * 600)  # no end yet
+    assert status_line(transport) == b"HTTP/1.1 431 Request Header Fields Too Large"
+    assert len(channel._buffer) == 0
+
+
+def test_pipelined_request_with_a_long_line_gets_414_after_the_answer_before_it() -> None:
+    """A request before the over-long one is answered first; then 414 and the close."""
+    resource = Recorder()
+    channel, transport, _ = connect(resource, SHORT_LINES)
+    channel.dataReceived(head(b"/first", method=b"GET") + request_line_of(5000) + b"\r\n\r\n")
+    first, second = transport.value().split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 OK") and second.startswith(b"414 URI Too Long")
+    assert transport.disconnecting and len(resource.bodies) == 1
+
+
+def test_default_limits_answer_16_kib_request_lines_and_refuse_longer() -> None:
+    """The defaults keep what Twisted served (a 16384-byte request line, now with headers
+    beside it) and answer 414 past it instead of closing silently."""
+    channel, transport, _ = connect(Recorder(), HttpLimits())
+    channel.dataReceived(request_line_of(16384) + b"\r\nHost: x\r\nX-Pad: " + b"p" * 8000 + b"\r\n\r\n")
+    assert status_line(transport) == b"HTTP/1.1 200 OK"
+    channel, transport, _ = connect(Recorder(), HttpLimits())
+    channel.dataReceived(request_line_of(16385) + b"\r\n\r\n")
+    assert status_line(transport) == b"HTTP/1.1 414 URI Too Long"
+
+
+def test_long_line_refusals_are_logged_at_most_once_per_address_per_10_s() -> None:
+    """A flood of 414s from one address makes one line, then one with the count."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    clock = Clock()
+    site = QuietSite(Recorder(), request_log=False, limits=SHORT_LINES, reactor=clock)
+    try:
+        for i in range(30):
+            peer = IPv4Address("TCP", "192.0.2.10", 1000 + i)
+            channel = site.buildProtocol(peer)
+            channel.makeConnection(StringTransport(peerAddress=peer))
+            channel.dataReceived(request_line_of(300) + b"\r\n\r\n")
+            clock.advance(0.5)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    lines = [e for e in events if e.get("address") == "192.0.2.10" and e.get("limit") == 200]
+    assert [e["count"] for e in lines] == [1, 20]
+
+
 # -- connection caps ----------------------------------------------------------------------------
 
 

@@ -396,3 +396,17 @@ def test_agrees_with_twisted_httpchannel(parts: list[bytes], cuts: list[int]) ->
     chunks = _split(b"".join(parts), cuts)
     events, _ = feed_all(chunks)
     assert [_grouped(r) for r in scanned(events)] == _twisted_requests(chunks)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_request_line_up_to_max_request_line_is_followed_one_more_byte_gives_up(chunk: int) -> None:
+    """The channel answers a longer request line with 414: the scanner reports no request for it."""
+    line = b"GET /" + b"a" * 86 + b" HTTP/1.1"  # 100 bytes
+    longer = line[:-9] + b"a HTTP/1.1"  # 101 bytes
+    for data, followed in ((line + b"\r\nHost: h\r\n\r\n", True), (longer + b"\r\nHost: h\r\n\r\n", False)):
+        events, scanner = feed_all([data[i : i + chunk] for i in range(0, len(data), chunk)],
+                                   max_head=1000, max_request_line=100)
+        assert (len(scanned(events)) == 1) is followed
+        if not followed:
+            assert events == []
+            _assert_gave_up(scanner)

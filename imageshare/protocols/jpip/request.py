@@ -146,6 +146,9 @@ class JpipRequest:
         Capabilities and preferences (C.10), raw.
     unknown
         Names of unrecognised fields, in request order, for logging.
+    type_from_accept
+        No ``type`` field: the ``Accept`` header chose `type` (or could have), so a
+        response varies by it (``Vary: Accept``). Set by :func:`parse_request` only.
     """
 
     target: str | None = None
@@ -179,6 +182,7 @@ class JpipRequest:
     cap: str | None = None
     pref: str | None = None
     unknown: tuple[str, ...] = ()
+    type_from_accept: bool = False
 
 
 # ---------------------------------------------------------------- value parsers
@@ -571,6 +575,8 @@ def parse_request(
     extra: dict[str, Any] = {}
     if "target" not in fields and path_target:
         extra["target"] = path_target
-    if "type" not in fields and accept:
-        extra["type"] = _choose_type(accept.split(","), "type", from_accept=True)
+    if "type" not in fields:
+        extra["type_from_accept"] = True
+        if accept:
+            extra["type"] = _choose_type(accept.split(","), "type", from_accept=True)
     return _build(fields, extra=extra)
