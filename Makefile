@@ -5,8 +5,10 @@ VENV ?= .venv
 CONFIG ?= etc/imageshare.ini
 PYTEST_ARGS ?=
 # Debian 12 packages: the OpenJPEG library and tools, the JPIP decoder/transcoder (used to
-# validate streams), dcmtk (storescu and friends) and dicom3tools (dciodvfy).
-APT_PACKAGES = python3-venv libopenjp2-7 libopenjp2-tools libopenjpip-dec-server dcmtk dicom3tools
+# validate streams), OpenJPEG's Java JPIP viewer (it pulls in a JRE with AWT) run headless
+# under Xvfb, screenshot with xwd (x11-apps), in a namespace set up with ip (iproute2),
+# dcmtk (storescu and friends), dicom3tools (dciodvfy) and Orthanc (a PACS retrieving from us).
+APT_PACKAGES = python3-venv libopenjp2-7 libopenjp2-tools libopenjpip-dec-server libopenjpip-viewer xvfb x11-apps iproute2 dcmtk dicom3tools orthanc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP = $(VENV)/.installed
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import gc
 import logging
-import multiprocessing
 from typing import Any, Callable
 
 from pynetdicom import _config as pynetdicom_config
@@ -54,7 +53,7 @@ from imageshare.web.root import QuietSite, RootResource
 from imageshare.web.status import StatusResource
 from imageshare.web.wado import WadoResource, WadoRetriever
 from imageshare.web.xds import SoapResource, XdsEndpoint, domain_authorities
-from imageshare.workers import ProcessPoolService, WorkerPoolService
+from imageshare.workers import ProcessPoolService, SharedFlag, WorkerPoolService
 from imageshare.xds.outbox import Outbox, State as XdsState
 from imageshare.xds.store import XdsStore
 from imageshare.xds.submitter import RequestBuilder, SubmitterService, make_http_client
@@ -140,7 +139,7 @@ class ImageShareService(MultiService):
         self.ingestor = Ingestor(self.archive, self.catalog, max_object_size=config.dicom.max_object_size)
         self.bridge = ReactorBridge(reactor)
         # Seen by the worker processes: running jobs stop between frames at shutdown.
-        self.stopping = multiprocessing.get_context("spawn").Event()
+        self.stopping = SharedFlag()
         self.started_at = reactor.seconds()
 
         tc = config.transcode
@@ -215,6 +214,10 @@ class ImageShareService(MultiService):
             max_sessions_per_client=jc.max_sessions_per_client,
             max_model_bytes=jc.max_model_bytes,
             target_cache=jc.target_cache,
+            public_aux_host=jc.tcp_public_host,
+            public_aux_port=jc.tcp_public_port,
+            tile_header_layout=jc.tile_header_layout,
+            openjpeg_user_agents=jc.openjpeg_user_agents,
         )
         self.jpip_aux = AuxChannels(self.jpip, reactor, window=jc.tcp_window, attach_timeout=jc.tcp_attach_timeout)
         self.jpip_sweeper = TimerService(min(30.0, jc.session_timeout / 2), self.jpip.expire)
@@ -224,14 +227,14 @@ class ImageShareService(MultiService):
         jpip_resource = JpipResource(
             self.jpip,
             chunked=jc.chunked,
-            cors_origins=jc.cors_origins,
+            cors_origins=config.http.cors_origins,
             aux=self.jpip_aux if jc.tcp_listen else None,
         )
         root.putChild(b"jpip", jpip_resource)
         self.wado_cache = ResponseCache(config.wado.cache_bytes) if config.wado.cache_bytes else None
         wado = WadoRetriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
                              cache=self.wado_cache, decode_threads=config.wado.decode_threads)
-        root.putChild(b"wado", WadoResource(wado, self.wado_queue))
+        root.putChild(b"wado", WadoResource(wado, self.wado_queue, cors_origins=config.http.cors_origins))
         self.xds_root = Resource()
         root.putChild(b"xds", self.xds_root)
         # The embedded XDS.b repository and registry; its uniqueId is the manifests' Retrieve Location UID.
@@ -270,6 +273,7 @@ class ImageShareService(MultiService):
             header_timeout=hc.header_timeout,
             body_timeout=hc.body_timeout,
             idle_timeout=hc.idle_timeout,
+            max_request_line=hc.max_request_line,
         )
         site = QuietSite(root, request_log=hc.request_log, next_arrival=self.jpip.next_arrival, limits=limits,
                          reactor=reactor)
@@ -352,6 +356,8 @@ class ImageShareService(MultiService):
             )
         self.log.info("ImageShare {version} starting, data in {data_dir}", version=__version__,
                       data_dir=str(self.config.storage.data_dir))
+        for warning in self.config.deprecations:
+            self.log.warn("configuration: {warning}", warning=warning)
         c = self.config
         # Every connection the caps admit is a file; 256 more for the archive, pools and catalog.
         ensure_open_files(c.http.max_connections * (2 if c.jpip.tcp_listen else 1) + c.dicom.max_associations + 256)

@@ -67,7 +67,8 @@ async def served(start_server, tmp_path: Path) -> dict[str, Any]:
 @pytest_twisted.ensureDeferred
 async def test_session_first_view_then_full_resolution(served: Any, tmp_path: Path) -> None:
     """A new session's first view decodes exactly like opj_decompress -r N of the whole
-    codestream, stays under 3% of it, then the full resolution in the same session equals
+    codestream, stays under 3% of it, and its headers name the frame and the region sent
+    (the request named no region); then the full resolution in the same session equals
     the DICOM pixels, and a repeat sends nothing but the EOR."""
     client, server = served["client"], served["server"]
     uid, pixels, frame = served["cr"]
@@ -81,6 +82,7 @@ async def test_session_first_view_then_full_resolution(served: Any, tmp_path: Pa
     assert "jpip-tid" in headers
     fx, fy = (int(v) for v in headers["jpip-fsiz"].split(","))
     assert (fx, fy) == (245, 231)  # 1955x1841 at discard level 3, rounded down
+    assert (headers["jpip-roff"], headers["jpip-rsiz"]) == ("0,0", "245,231")  # the whole frame
     assert first[:5] == bytes.fromhex("7008000000")  # metadata-bin 0, explicit, empty, complete
     messages = parse(first)
     assert isinstance(messages[-1], Eor) and messages[-1].reason == 2
@@ -94,6 +96,7 @@ async def test_session_first_view_then_full_resolution(served: Any, tmp_path: Pa
     cid = cnew["cid"]
     code, headers, rest = await client.get(f"cid={cid}&fsiz=1955,1841")
     assert code == 200 and "jpip-cnew" not in headers
+    assert "jpip-fsiz" not in headers and (headers["jpip-roff"], headers["jpip-rsiz"]) == ("0,0", "1955,1841")
     assert parse(rest)[-1] == Eor(1)  # image done
     rebuilt = opj.transcode(tmp_path, first, rest)
     np.testing.assert_array_equal(opj.decode(rebuilt, tmp_path, pixels.shape, precision=15, signed=False), pixels)
@@ -114,6 +117,7 @@ async def test_signed_ct_full_session(served: Any, tmp_path: Path) -> None:
     uid, pixels, frame = served["ct"]
     code, headers, body = await served["client"].get(f"target={uid}&fsiz=128,128&cnew=http")
     assert code == 200 and "jpip-fsiz" not in headers  # 128x128 is exact
+    assert (headers["jpip-roff"], headers["jpip-rsiz"]) == ("0,0", "128,128")  # no region asked: all of it
     rebuilt = opj.transcode(tmp_path, body)
     decoded = opj.decode(rebuilt, tmp_path, pixels.shape, precision=frame.precision, signed=True)
     np.testing.assert_array_equal(decoded, pixels)
@@ -125,6 +129,7 @@ async def test_stateless_region(served: Any, tmp_path: Path) -> None:
     uid, pixels, frame = served["cr"]
     code, headers, body = await served["client"].get(f"target={uid}&fsiz=1955,1841&roff=600,700&rsiz=400,300")
     assert code == 200 and "jpip-cnew" not in headers
+    assert not {"jpip-fsiz", "jpip-roff", "jpip-rsiz"} & set(headers)  # served exactly as asked
     assert len(body) < 0.2 * (served["server"].data_dir / frame.codestream_path).stat().st_size
     rebuilt = opj.transcode(tmp_path, body)
     decoded = opj.decode(rebuilt, tmp_path, pixels.shape, precision=15, signed=False)
@@ -346,7 +351,7 @@ async def test_mr_and_rgb_sessions_and_jpt(start_server, tmp_path: Path) -> None
 async def test_cors_and_second_channel(start_server) -> None:
     """Configured origins get CORS headers exposing the JPIP ones (also on errors and preflight);
     a second channel of a session shares its cache model; cclose ends channels."""
-    server = await start_server(jpip={"cors_origins": "https://viewer.example.org"})
+    server = await start_server(http={"cors_origins": "https://viewer.example.org"})
     assert await threads.deferToThread(scu_store, server.dicom_port, [sample_file("CT_small.dcm")]) == [0]
     await server.service.transcoder.when_idle()
     uid = str(dcmread(sample_file("CT_small.dcm"), stop_before_pixels=True).SOPInstanceUID)
@@ -360,9 +365,10 @@ async def test_cors_and_second_channel(start_server) -> None:
                            headers={b"Origin": [b"https://elsewhere.example.org"]})
     await treq.content(other)
     assert other.headers.getRawHeaders(b"access-control-allow-origin") is None
-    preflight = await treq.request("OPTIONS", f"{server.url}/jpip".encode(), headers=origin)
+    preflight = await treq.request("OPTIONS", f"{server.url}/jpip".encode(),
+                                   headers={**origin, b"Access-Control-Request-Method": [b"POST"]})
     await treq.content(preflight)
-    assert preflight.code == 200 and preflight.headers.getRawHeaders(b"access-control-allow-methods")
+    assert preflight.code == 204 and preflight.headers.getRawHeaders(b"access-control-allow-methods")
     missing = await treq.get(f"{server.url}/jpip?target=1.2.3&fsiz=64,64".encode(), headers=origin)
     await treq.content(missing)
     assert missing.code == 404 and missing.headers.getRawHeaders(b"access-control-allow-origin")

@@ -29,6 +29,7 @@ from imageshare.logthrottle import RefusalLog
 from imageshare.protocols.jpip.request import JpipRequestError, parse_request
 from imageshare.protocols.jpip.server import EXPOSED_HEADERS, Body, JpipError, JpipServer, Reply
 from imageshare.web.clients import ClientKey, peer_address
+from imageshare.web.cors import Cors, add_vary
 from imageshare.web.pipeline import ScannedRequest
 
 if TYPE_CHECKING:
@@ -123,7 +124,8 @@ class JpipResource(Resource):
     chunked
         Stream bodies chunked; ``False`` sends Content-Length.
     cors_origins
-        Origins allowed to read the responses from a browser (``*`` for any).
+        Origins allowed to read the responses from a browser (``*`` for any):
+        ``[http] cors_origins``, see :mod:`imageshare.web.cors`.
     aux
         The http-tcp channels, if that listener is up.
     client_key
@@ -144,7 +146,10 @@ class JpipResource(Resource):
         super().__init__()
         self._server = server
         self._chunked = chunked
-        self._cors = cors_origins
+        # POST bodies are forms (Content-Type is not safelisted for a script's fetch);
+        # the JPIP response headers carry the session and the window actually sent.
+        self._cors = Cors(cors_origins, methods=("GET", "POST"), allow_headers=("Content-Type",),
+                          expose=(EXPOSED_HEADERS, "Retry-After"))
         self._aux = aux
         self._client_key = client_key
 
@@ -170,12 +175,8 @@ class JpipResource(Resource):
         if parsed.cid is not None and not parsed.wait:
             self._server.preempt(parsed.cid, arrival)
 
-    def render_OPTIONS(self, request: Request) -> bytes:
-        self._cors_headers(request)
-        request.setHeader(b"access-control-allow-methods", b"GET, POST, OPTIONS")
-        request.setHeader(b"access-control-allow-headers", b"content-type")
-        request.setHeader(b"content-length", b"0")
-        return b""
+    def render_OPTIONS(self, request: Request) -> int:
+        return self._cors.preflight(request)
 
     def render_GET(self, request: Request) -> Any:
         return self._render(request)
@@ -184,7 +185,7 @@ class JpipResource(Resource):
         return self._render(request)
 
     def _render(self, request: Request) -> Any:
-        self._cors_headers(request)
+        self._cors.apply(request)
         request.setHeader(b"cache-control", b"no-cache")
         path_target = "/".join(p.decode("utf-8", "replace") for p in request.postpath) or None
         body = request.content.read() if request.method == b"POST" and request.content else None
@@ -199,7 +200,12 @@ class JpipResource(Resource):
                 _header(request, b"accept"),
             )
         except JpipRequestError as e:
+            if e.field == "type":
+                add_vary(request, "Accept")  # a 415 may come from the Accept header
             return self._error(request, e.status, e.reason)
+        if parsed.type_from_accept:
+            # No type field: the Accept header picks jpp-stream or jpt-stream (or the default).
+            add_vary(request, "Accept")
         if parsed.unknown:
             refusals.info(
                 (peer_address(request), "unknown"),
@@ -211,7 +217,9 @@ class JpipResource(Resource):
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         # Numbered by the HTTP channel when its request line came in (see observe).
         arrival = getattr(request, "arrival", None)
-        d = ensureDeferred(self._server.respond(parsed, arrival, self._client_key(request)))
+        # The User-Agent picks the tile-header layout (``[jpip] openjpeg_user_agents``).
+        d = ensureDeferred(self._server.respond(parsed, arrival, self._client_key(request),
+                                                _header(request, b"user-agent")))
         d.addCallbacks(
             lambda reply: self._stream(request, reply, parsed.qid, gone), lambda f: self._failed(request, f, gone)
         )
@@ -271,19 +279,6 @@ class JpipResource(Resource):
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return (reason + "\n").encode("utf-8")
-
-    def _cors_headers(self, request: Request) -> None:
-        if not self._cors:
-            return
-        origin = _header(request, b"origin")
-        if "*" in self._cors:
-            request.setHeader(b"access-control-allow-origin", b"*")
-        elif origin in self._cors:
-            request.setHeader(b"access-control-allow-origin", origin.encode())
-            request.setHeader(b"vary", b"Origin")
-        else:
-            return
-        request.setHeader(b"access-control-expose-headers", EXPOSED_HEADERS.encode())
 
 
 def _header(request: Request, name: bytes) -> str | None:

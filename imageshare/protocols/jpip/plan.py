@@ -3,9 +3,17 @@
 :class:`TargetBins` describes, once per codestream, every data-bin as byte
 ranges of the codestream file: the main header bin (SOC up to the first SOT,
 TLM/PLM/PPM/POC dropped), one tile-header bin per tile (its tile-part header
-segments without PLT/PPT; SOT and SOD are never part of it), one precinct bin
+segments without PLT/PPT/POC, in one of the two layouts below), one precinct bin
 per precinct (its packets in layer order), one tile bin per tile for JPT
 streams (its tile-parts as in the file) and the empty metadata-bin 0.
+
+Tile-header bins come in one of two layouts (:data:`TILE_HEADER_LAYOUTS`), fixed per
+session by the server: ``part9``, ISO/IEC 15444-9 A.3.3 as Kakadu-family clients and
+our own client read it (the tile-part header markers, nothing else), and ``openjpeg``,
+what OpenJPEG's ``opj_server`` sends and its ``opj_dec_server``/``opj_jpip_transcode``
+rebuild from: the SOT segment body without its FF90 code (Lsot 10, Isot, Psot 0,
+TPsot 0, TNsot 1), the same markers, then SOD (FF93). The two differ in length, so a
+cache model only makes sense for the layout it was built with.
 
 :func:`plan` turns a resolved view-window and the client's cache model into
 :class:`Piece` values, one JPP/JPT message each, in the order of
@@ -21,6 +29,7 @@ caller's business (:meth:`Piece.body` slices a buffer it is given).
 from __future__ import annotations
 
 import bisect
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 
 import attrs
@@ -41,6 +50,9 @@ from imageshare.protocols.jpip.cachemodel import (
 from imageshare.protocols.jpip.window import ResolvedWindow, tiles_in_window
 
 __all__ = [
+    "PART9",
+    "OPENJPEG",
+    "TILE_HEADER_LAYOUTS",
     "EOR_IMAGE_DONE",
     "EOR_WINDOW_DONE",
     "EOR_BYTE_LIMIT",
@@ -54,6 +66,11 @@ __all__ = [
     "commit",
 ]
 
+#: Tile-header bin layouts (see the module docstring).
+PART9 = "part9"
+OPENJPEG = "openjpeg"
+TILE_HEADER_LAYOUTS = (PART9, OPENJPEG)
+
 #: EOR reason codes (D.3) a plan can end with.
 EOR_IMAGE_DONE = 1
 EOR_WINDOW_DONE = 2
@@ -66,6 +83,18 @@ Ranges = tuple[tuple[int, int], ...]
 # codestream a client rebuilds from data-bins; POC is refused by the index anyway.
 _MAIN_HEADER_DROPPED = frozenset({Marker.TLM, Marker.PLM, Marker.PPM, Marker.POC})
 _TILE_HEADER_DROPPED = frozenset({Marker.PLT, Marker.PPT, Marker.POC})
+# OpenJPEG's layout ends with SOD; its rebuild prepends FF90 to the bin and fixes Psot.
+_SOD = b"\xff\x93"
+_OPJ_SOT_BODY_LENGTH = 10  # Lsot Isot Psot TPsot TNsot
+
+
+def _opj_sot_body(t: int) -> bytes:
+    """The SOT segment without its marker code, as OpenJPEG's tile-header bin starts.
+
+    Lsot 10, Isot ``t``, Psot 0 (the rebuild recomputes it), TPsot 0 and TNsot 1: the
+    rebuilt codestream has one tile-part per tile, whatever the file had.
+    """
+    return struct.pack(">HHIBB", _OPJ_SOT_BODY_LENGTH, t, 0, 0, 1)
 
 
 def _coalesce(ranges: Iterable[tuple[int, int]]) -> Ranges:
@@ -219,6 +248,12 @@ class TargetBins:
     ----------
     index : CodestreamIndex
         The codestream's index.
+    tile_header_layout : str
+        :data:`PART9` or :data:`OPENJPEG` (see the module docstring).
+    codestream : bytes-like, optional
+        The codestream file's bytes; needed by the ``openjpeg`` layout, whose
+        tile-header bins mix bytes of their own with the file's markers and are
+        served as bytes (gathered per tile on first use; they are small).
 
     Attributes
     ----------
@@ -228,8 +263,20 @@ class TargetBins:
     main_header_length : int
     """
 
-    def __init__(self, index: CodestreamIndex) -> None:
+    def __init__(
+        self,
+        index: CodestreamIndex,
+        tile_header_layout: str = PART9,
+        codestream: bytes | bytearray | memoryview | None = None,
+    ) -> None:
+        if tile_header_layout not in TILE_HEADER_LAYOUTS:
+            raise ValueError(f"unknown tile-header layout {tile_header_layout!r}")
+        if tile_header_layout == OPENJPEG and codestream is None:
+            raise ValueError("the openjpeg tile-header layout needs the codestream's bytes")
         self.index = index
+        self.tile_header_layout = tile_header_layout
+        self._codestream = codestream
+        self._opj_headers: dict[int, bytes] = {}
         kept = [(s.offset, s.length) for s in index.main_segments if s.marker not in _MAIN_HEADER_DROPPED]
         self.main_header: Ranges = _coalesce(kept)
         self.main_header_length = sum(length for _, length in self.main_header)
@@ -253,9 +300,22 @@ class TargetBins:
             ))  # fmt: skip
             self.precinct_bins += bases[-1]
 
-    def tile_header(self, t: int) -> Ranges:
-        """The tile-header bin of tile ``t`` (possibly empty)."""
-        return self._tile_headers[t]
+    def tile_header(self, t: int) -> Ranges | bytes:
+        """The tile-header bin of tile ``t``: file ranges (``part9``, possibly empty) or bytes."""
+        if self.tile_header_layout == PART9:
+            return self._tile_headers[t]
+        header = self._opj_headers.get(t)
+        if header is None:
+            assert self._codestream is not None
+            view = memoryview(self._codestream)
+            markers = b"".join(view[offset : offset + length] for offset, length in self._tile_headers[t])
+            header = self._opj_headers[t] = _opj_sot_body(t) + markers + _SOD
+        return header
+
+    def tile_header_length(self, t: int) -> int:
+        """Bytes of the tile-header bin of tile ``t``, without reading the codestream."""
+        markers = sum(length for _, length in self._tile_headers[t])
+        return markers if self.tile_header_layout == PART9 else _OPJ_SOT_BODY_LENGTH + markers + len(_SOD)
 
     def tile(self, t: int) -> Ranges:
         """The JPT tile bin of tile ``t``: its tile-parts, SOT to end, in order."""
@@ -269,8 +329,9 @@ class TargetBins:
         stop = first + tile.layers
         return offsets[first:stop].tolist(), lengths[first:stop].tolist()
 
-    def ranges(self, bin_class: int, bin_id: int) -> Ranges | None:
-        """The file ranges forming a data-bin, or ``None`` if the codestream has no such bin."""
+    def ranges(self, bin_class: int, bin_id: int) -> Ranges | bytes | None:
+        """Where a data-bin's bytes are (file ranges, or the bytes of an ``openjpeg``
+        tile-header bin), or ``None`` if the codestream has no such bin."""
         try:
             if bin_class == PRECINCT:
                 offsets, lengths = self.packets(*self.index.precinct_from_bin_id(bin_id))
@@ -280,7 +341,7 @@ class TargetBins:
             if bin_class == METADATA and bin_id == 0:
                 return ()
             if bin_class in (TILE_HEADER, TILE) and 0 <= bin_id < len(self._tiles):
-                return self._tile_headers[bin_id] if bin_class == TILE_HEADER else self._tiles[bin_id]
+                return self.tile_header(bin_id) if bin_class == TILE_HEADER else self._tiles[bin_id]
         except KeyError:
             pass
         return None
@@ -289,15 +350,20 @@ class TargetBins:
         """Full length of a data-bin, or ``None`` if there is no such bin.
 
         Suitable as ``bin_lengths`` for :func:`~imageshare.protocols.jpip.cachemodel.apply_spec`.
+        Never reads the codestream (``need=`` asks for the length of every bin).
         """
+        if bin_class == TILE_HEADER and 0 <= bin_id < len(self._tiles):
+            return self.tile_header_length(bin_id)
         ranges = self.ranges(bin_class, bin_id)
-        return None if ranges is None else sum(length for _, length in ranges)
+        return None if ranges is None else _source_length(ranges)
 
     def content(self, bin_class: int, bin_id: int, codestream: bytes | bytearray | memoryview) -> bytes:
         """The full bytes of a data-bin, gathered from the codestream file's bytes."""
         ranges = self.ranges(bin_class, bin_id)
         if ranges is None:
             raise KeyError(f"no data-bin {bin_id} of class {bin_class}")
+        if isinstance(ranges, bytes):
+            return ranges
         view = memoryview(codestream)
         return b"".join(view[offset : offset + length] for offset, length in ranges)
 
@@ -327,14 +393,21 @@ class TargetBins:
 # --- planning ------------------------------------------------------------------------
 
 
-def _header_piece(bin_class: int, csn: int, bin_id: int, ranges: Ranges, model: CacheModel) -> Piece | None:
+def _source_length(source: Ranges | bytes) -> int:
+    return len(source) if isinstance(source, bytes) else sum(n for _, n in source)
+
+
+def _header_piece(
+    bin_class: int, csn: int, bin_id: int, source: Ranges | bytes, model: CacheModel
+) -> Piece | None:
     """The rest of a header bin, complete (possibly empty), unless the client has it all."""
     key = (bin_class, csn, bin_id)
     if model.is_complete(key):
         return None
-    length = sum(n for _, n in ranges)
+    length = _source_length(source)
     held = min(model.held(key), length)
-    return Piece(bin_class, csn, bin_id, held, length - held, True, _slice(ranges, held, length))
+    rest = source[held:] if isinstance(source, bytes) else _slice(source, held, length)
+    return Piece(bin_class, csn, bin_id, held, length - held, True, rest)
 
 
 def _packet_ranges(
@@ -515,6 +588,8 @@ def plan(
     With ``byte_limit``, pieces are added while the message headers (upper
     bound, :func:`message_header_length`) plus bodies fit; the first piece
     that does not fit is cut to fit (mid-packet) and the plan ends there.
+    A tile-header bin in the ``openjpeg`` layout is never cut: OpenJPEG's rebuild
+    puts an SOT marker code before every message of that bin, so it must come whole.
 
     Parameters
     ----------
@@ -566,7 +641,8 @@ def plan(
     for piece in coalesced if max_message is None else _split_pieces(coalesced, max_message):
         cost = piece.header_length + piece.length
         if byte_limit is not None and size + cost > byte_limit:
-            cut = _fit(piece, byte_limit - size, align)
+            whole_only = piece.bin_class == TILE_HEADER and bins.tile_header_layout == OPENJPEG
+            cut = None if whole_only else _fit(piece, byte_limit - size, align)
             if cut is not None:
                 out.append(cut)
                 size += cut.header_length + cut.length

@@ -11,6 +11,10 @@ Pre-emption (15444-9 C.3.3 / KDU ``preempt_request``): requests are numbered as 
 arrive (the HTTP channel numbers pipelined requests before Twisted gets to them). A
 request on a channel without ``wait=yes`` cuts every earlier response of that channel at
 the next message boundary with EOR 3, whether it is streaming or still waiting its turn.
+
+Tile-header bins are sent in the layout the client reads (``plan.py``): ISO/IEC 15444-9's
+by default, OpenJPEG's for the clients configured by User-Agent. A session keeps the layout
+chosen when it was opened, so its cache model always counts the bytes of one layout.
 """
 
 from __future__ import annotations
@@ -33,7 +37,16 @@ from imageshare.logsafe import Logger
 from imageshare.protocols.jpip.cachemodel import CacheModel, CacheSpecTooLarge, apply_spec
 from imageshare.protocols.jpip.cachespec import parse_cache_spec
 from imageshare.protocols.jpip.messages import EorReason, MessageEncoder
-from imageshare.protocols.jpip.plan import Piece, PlanResult, TargetBins, commit, plan
+from imageshare.protocols.jpip.plan import (
+    OPENJPEG,
+    PART9,
+    TILE_HEADER_LAYOUTS,
+    Piece,
+    PlanResult,
+    TargetBins,
+    commit,
+    plan,
+)
 from imageshare.protocols.jpip.request import JpipRequest, JpipRequestError
 from imageshare.protocols.jpip.sessions import Channel, SessionError, SessionRegistry
 from imageshare.protocols.jpip.tcpchunks import MAX_MESSAGE
@@ -46,6 +59,20 @@ _FRESH_MAX_BYTES = 1 << 20
 
 #: Transports this server can grant, in order of preference (http-tcp needs its listener).
 TRANSPORTS = ("http-tcp", "http")
+
+#: Suffixes a target name may carry after the SOP Instance UID, dropped before the lookup:
+#: OpenJPEG's decoder (opj_dec_server) keeps a stream only if its target name contains
+#: "jp2". A UID is digits and dots, so neither suffix can be part of one.
+TARGET_SUFFIXES = (".jp2", ".j2c")
+
+
+def target_uid(target: str) -> str:
+    """The SOP Instance UID a target names: ``<uid>``, ``<uid>.jp2`` or ``<uid>.j2c``."""
+    for suffix in TARGET_SUFFIXES:
+        if target[-len(suffix) :].lower() == suffix:
+            return target[: -len(suffix)]
+    return target
+
 
 # Headers a browser client must be allowed to read (CORS).
 EXPOSED_HEADERS = (
@@ -83,6 +110,18 @@ class Target:
     bins: TargetBins
     data: Any  # the codestream, memory-mapped (read-only)
     size: int
+    _other_bins: dict[str, TargetBins] = attrs.field(factory=dict, init=False, repr=False)
+
+    def bins_for(self, layout: str) -> TargetBins:
+        """The data-bins with tile-header bins in ``layout`` (``bins`` is the part9 one)."""
+        if layout == self.bins.tile_header_layout:
+            return self.bins
+        bins = self._other_bins.get(layout)
+        if bins is None:
+            # Built on first use by such a client: per tile, from the index, without
+            # reading the codestream (tile-header bytes are gathered when first sent).
+            bins = self._other_bins[layout] = TargetBins(self.index, layout, self.data)
+        return bins
 
 
 class TargetLoader:
@@ -118,6 +157,8 @@ class SessionState:
     model: CacheModel
     tids: dict[int, str] = attrs.Factory(dict)  # codestream → the tid the model describes
     lock: DeferredLock = attrs.Factory(DeferredLock)
+    # Fixed when the session opens: the model's bin lengths are those of this layout.
+    layout: str = PART9
 
 
 @attrs.frozen
@@ -252,8 +293,18 @@ class JpipServer:
         Current time in seconds (``reactor.seconds`` or a ``Clock``'s).
     aux_port
         Where the http-tcp listener listens (set once it does); ``None``: http only.
+    public_aux_host, public_aux_port
+        Announced in ``JPIP-cnew`` for http-tcp channels (``host=``, ``auxport=``) instead
+        of nothing and :attr:`aux_port`, when clients reach the aux listener through NAT or
+        a TCP proxy; http-tcp is still granted only while the listener is up.
     max_sessions_per_client
         Sessions one client (see :meth:`respond`) may hold; ``None``: no per-client cap.
+    tile_header_layout
+        The tile-header bin layout for every client (``part9`` or ``openjpeg``,
+        ``[jpip] tile_header_layout``).
+    openjpeg_user_agents
+        User-Agent prefixes of clients that get the ``openjpeg`` layout whatever
+        ``tile_header_layout`` says (``[jpip] openjpeg_user_agents``).
     """
 
     log = Logger(namespace="imageshare.jpip")
@@ -269,10 +320,21 @@ class JpipServer:
         target_cache: int = 64,
         aux_port: int | None = None,
         max_sessions_per_client: int | None = None,
+        public_aux_host: str | None = None,
+        public_aux_port: int | None = None,
+        tile_header_layout: str = PART9,
+        openjpeg_user_agents: tuple[str, ...] = (),
     ) -> None:
+        if tile_header_layout not in TILE_HEADER_LAYOUTS:
+            raise ValueError(f"unknown tile-header layout {tile_header_layout!r}")
+        # An empty prefix would match every client: that is what tile_header_layout is for.
+        self._tile_header_layout = tile_header_layout
+        self._openjpeg_user_agents = tuple(a for a in openjpeg_user_agents if a)
         self._load = load
         self._now = now
         self.aux_port = aux_port
+        self._public_aux_host = public_aux_host
+        self._public_aux_port = public_aux_port
         #: Called with every channel that ends, so transports can let go of it.
         self.channel_closed: list[Callable[[Channel], None]] = []
         self.sessions: SessionRegistry[SessionState] = SessionRegistry(
@@ -291,6 +353,12 @@ class JpipServer:
         # viewers open a study on the same first view, so those are kept ready to send.
         self._fresh: OrderedDict[tuple[Any, ...], tuple[PlanResult, tuple[bytes, ...]]] = OrderedDict()
         self._windows: OrderedDict[tuple[str, Window], tuple[Any, list[tuple[int, int, int, int]]]] = OrderedDict()
+
+    def layout_for(self, user_agent: str | None) -> str:
+        """The tile-header layout for a client, from its User-Agent (``None``: none sent)."""
+        if user_agent is not None and user_agent.startswith(self._openjpeg_user_agents):
+            return OPENJPEG
+        return self._tile_header_layout
 
     def next_arrival(self) -> int:
         """Number a request as it arrives: later requests pre-empt earlier ones."""
@@ -358,12 +426,16 @@ class JpipServer:
         """Drop idle sessions (called periodically); return how many."""
         return len(self.sessions.expire(self._now()))
 
-    async def respond(self, request: JpipRequest, arrival: int | None = None, client: str = "") -> Reply:
+    async def respond(
+        self, request: JpipRequest, arrival: int | None = None, client: str = "", user_agent: str | None = None
+    ) -> Reply:
         """
         Serve one request; ``arrival`` numbers it (:meth:`next_arrival`) for pre-emption.
 
         ``client`` names who asks (the peer address, or later an authenticated principal):
-        a new session counts against that client's cap.
+        a new session counts against that client's cap. ``user_agent`` (the HTTP header)
+        picks the tile-header layout of a stateless request or of the session it opens;
+        requests in a session keep the session's.
 
         Raises
         ------
@@ -385,7 +457,7 @@ class JpipServer:
             if request.cid is not None:
                 channel = self.sessions.channel(request.cid, now)
                 session_state = channel.session.model
-                if request.target is not None and request.target != session_state.sop_instance_uid:
+                if request.target is not None and target_uid(request.target) != session_state.sop_instance_uid:
                     raise JpipError(400, "a session serves one target; open a new session for another")
                 if request.cnew:
                     # The response to the request that opens a channel travels on it.
@@ -399,7 +471,7 @@ class JpipServer:
                     raise JpipError(400, "cclose needs a cid")
                 if request.target is None:
                     raise JpipError(400, "no target")
-                uid = request.target
+                uid = target_uid(request.target)
         except SessionError as e:
             raise JpipError.from_session(e) from None
 
@@ -412,7 +484,7 @@ class JpipServer:
                 raise JpipError.from_session(e) from None
         target = await self.target(uid, stream)
         if new_transport is not None:
-            session_state = SessionState(uid, CacheModel())
+            session_state = SessionState(uid, CacheModel(), layout=self.layout_for(user_agent))
             try:
                 # Checked again: other requests of this client may have opened sessions
                 # while this one waited for its target.
@@ -420,6 +492,8 @@ class JpipServer:
             except SessionError as e:
                 raise JpipError.from_session(e) from None
             headers.append(("JPIP-cnew", self._cnew(channel)))
+            self.log.debug("JPIP session of {client} sends {layout} tile headers (User-Agent {user_agent})",
+                           client=client, layout=session_state.layout, user_agent=user_agent)
         if channel is not None and self.sessions.find(channel.cid) is None:
             channel = None  # cclose ended this channel: the answer goes back on the request
         transport = channel.transport if channel is not None else "http"
@@ -435,7 +509,11 @@ class JpipServer:
         except ValueError as e:
             raise JpipError(400, f"bad view-window: {e}") from None
         for name in ("fsiz", "roff", "rsiz"):
-            if name in resolved.changed:
+            # The region is reported also when the request left it out (then it is the
+            # whole frame granted): OpenJPEG's viewer otherwise keeps -1 for it and asks
+            # for nonsense next (opj_server does the same).
+            omitted = name != "fsiz" and request.fsiz is not None and getattr(request, name) is None
+            if name in resolved.changed or omitted:
                 x, y = getattr(resolved, name)
                 headers.append((f"JPIP-{name}", f"{x},{y}"))
         if "comps" in resolved.changed:
@@ -463,19 +541,21 @@ class JpipServer:
             release: Callable[[], None] | None = session_state.lock.release
         else:
             release = None
+        layout = session_state.layout if session_state is not None else self.layout_for(user_agent)
         encoded: tuple[bytes, ...] | None = None
         try:
+            bins = target.bins_for(layout)
             if session_state is not None:
-                self._apply_specs(request, model, target, tid_matches)
+                self._apply_specs(request, model, target, bins, tid_matches)
             else:
-                model = self._stateless_model(request, target, tid_matches)
+                model = self._stateless_model(request, target, bins, tid_matches)
             if channel is not None and channel.cut_before > arrival:
                 result = PlanResult((), int(EorReason.WINDOW_CHANGE), 0)  # pre-empted while it queued
             elif model.entries == 0:
-                result, encoded = self._fresh_plan(target, resolved, selected, stream, jpt, request.len,
+                result, encoded = self._fresh_plan(target, bins, resolved, selected, stream, jpt, request.len,
                                                    request.align, max_message)
             else:
-                result = plan(target.bins, target.index, resolved, selected, model, stream, jpt=jpt,
+                result = plan(bins, target.index, resolved, selected, model, stream, jpt=jpt,
                               byte_limit=request.len, align=request.align, max_message=max_message)
         except BaseException:
             if release is not None:
@@ -502,16 +582,16 @@ class JpipServer:
         return resolved, selected
 
     def _fresh_plan(
-        self, target: Target, resolved: Any, selected: list[tuple[int, int, int, int]], stream: int,
-        jpt: bool, byte_limit: int | None, align: bool, max_message: int | None,
+        self, target: Target, bins: TargetBins, resolved: Any, selected: list[tuple[int, int, int, int]],
+        stream: int, jpt: bool, byte_limit: int | None, align: bool, max_message: int | None,
     ) -> tuple[PlanResult, tuple[bytes, ...] | None]:
         """The plan for an empty cache model, from a small cache of encoded responses."""
-        key = (target.tid, stream, resolved, jpt, byte_limit, align, max_message)
+        key = (target.tid, stream, resolved, jpt, byte_limit, align, max_message, bins.tile_header_layout)
         hit = self._fresh.get(key)
         if hit is not None:
             self._fresh.move_to_end(key)
             return hit
-        result = plan(target.bins, target.index, resolved, selected, CacheModel(), stream, jpt=jpt,
+        result = plan(bins, target.index, resolved, selected, CacheModel(), stream, jpt=jpt,
                       byte_limit=byte_limit, align=align, max_message=max_message)
         if result.size > _FRESH_MAX_BYTES:
             return result, None  # large responses are produced lazily, not kept
@@ -546,7 +626,11 @@ class JpipServer:
     def _cnew(self, channel: Channel) -> str:
         granted = f"cid={channel.cid},path=jpip,transport={channel.transport}"
         if channel.transport == "http-tcp":
-            granted += f",auxport={self.aux_port}"
+            # host= names where the channel's requests and its TCP connection go (JPIP-cnew,
+            # 15444-9 D.2); without it clients use the host they reached, the right default.
+            if self._public_aux_host is not None:
+                granted += f",host={self._public_aux_host}"
+            granted += f",auxport={self._public_aux_port or self.aux_port}"
         return granted
 
     @staticmethod
@@ -570,31 +654,37 @@ class JpipServer:
             layers=request.layers,
         )
 
-    def _apply_specs(self, request: JpipRequest, model: CacheModel, target: Target, tid_matches: bool) -> None:
+    def _apply_specs(
+        self, request: JpipRequest, model: CacheModel, target: Target, bins: TargetBins, tid_matches: bool
+    ) -> None:
         # Statements about the client's cache only make sense for the bytes it names.
         if request.model and (tid_matches or request.tid is None):
-            self._apply(model, request.model, target, subtractive=True)
+            self._apply(model, request.model, target, bins, subtractive=True)
 
-    def _stateless_model(self, request: JpipRequest, target: Target, tid_matches: bool) -> CacheModel:
+    def _stateless_model(
+        self, request: JpipRequest, target: Target, bins: TargetBins, tid_matches: bool
+    ) -> CacheModel:
+        # Bin lengths (":n" qualifiers, whole bins, need=) are those of the request's layout.
         model = CacheModel()
         usable = tid_matches or request.tid is None
         if request.model and usable:
-            self._apply(model, request.model, target, subtractive=True)
+            self._apply(model, request.model, target, bins, subtractive=True)
         if request.need and usable:
             # need= names what the client lacks: it holds everything else.
-            for key in target.bins.keys(target.stream):
-                length = target.bins.length(key[0], key[2]) or 0
+            for key in bins.keys(target.stream):
+                length = bins.length(key[0], key[2]) or 0
                 model.add(key, length, complete=True)
-            self._apply(model, request.need, target, subtractive=False, invert=True)
+            self._apply(model, request.need, target, bins, subtractive=False, invert=True)
         return model
 
     def _apply(
-        self, model: CacheModel, text: str, target: Target, *, subtractive: bool, invert: bool = False
-    ) -> None:
+        self, model: CacheModel, text: str, target: Target, bins: TargetBins, *, subtractive: bool,
+        invert: bool = False,
+    ) -> None:  # fmt: skip
         try:
             spec = parse_cache_spec(text, allow_subtractive=subtractive)
             items = [attrs.evolve(i, subtractive=True) for i in spec.items] if invert else spec.items
-            apply_spec(model, items, target.index, target.stream, bin_lengths=target.bins.length)
+            apply_spec(model, items, target.index, target.stream, bin_lengths=bins.length)
         except JpipRequestError:
             raise
         except CacheSpecTooLarge as e:

@@ -4,7 +4,8 @@
 codestream, and ``opj_decompress`` decodes it: neither shares code with our server.
 Quirks handled here (see the peers notes): the transcoder does not know EOR messages,
 wants an explicit class and codestream on every message, expects tile-header bins in
-OpenJPEG's own layout (the SOT fields without the marker, the markers, then SOD), and
+OpenJPEG's own layout (the SOT fields without the marker, the markers, then SOD: the
+server's ``openjpeg`` layout, rewritten here from its default ``part9`` one), and
 writes its output without truncating it.
 """
 
@@ -32,8 +33,19 @@ def messages(*bodies: bytes) -> list[Message]:
     return out
 
 
-def for_transcoder(msgs: list[Message]) -> bytes:
-    """Re-encode messages the way opj_jpip_transcode can read them."""
+def for_transcoder(msgs: list[Message], layout: str = "part9") -> bytes:
+    """Re-encode messages the way opj_jpip_transcode can read them.
+
+    ``layout`` is the server's tile-header layout: ``part9`` bins are rewritten into
+    OpenJPEG's, ``openjpeg`` ones pass as they are (only the headers are made explicit).
+    """
+    if layout == "openjpeg":
+        enc = MessageEncoder()
+        out = bytearray()
+        for m in msgs:
+            enc.reset()
+            out += enc.header(m.bin_class, m.csn, m.bin_id, m.offset, len(m.data), m.complete, m.aux) + m.data
+        return bytes(out)
     tile_headers: dict[tuple[int, int], bytearray] = {}
     for m in msgs:
         if m.bin_class == 2:
@@ -58,10 +70,10 @@ def for_transcoder(msgs: list[Message]) -> bytes:
     return bytes(out)
 
 
-def transcode(folder: Path, *bodies: bytes) -> Path:
-    """The J2K codestream opj_jpip_transcode rebuilds from the bodies."""
+def transcode(folder: Path, *bodies: bytes, layout: str = "part9") -> Path:
+    """The J2K codestream opj_jpip_transcode rebuilds from the bodies (tile headers in ``layout``)."""
     jpp = folder / "stream.jpp"
-    jpp.write_bytes(for_transcoder(messages(*bodies)))
+    jpp.write_bytes(for_transcoder(messages(*bodies), layout))
     out = folder / "rebuilt.j2k"
     out.unlink(missing_ok=True)
     r = subprocess.run(["opj_jpip_transcode", str(jpp), str(out)], capture_output=True, text=True, timeout=120)

@@ -14,10 +14,12 @@ import pytest
 from imageshare.codestream.index import CodestreamIndex, build_index
 from imageshare.codestream.markers import Marker
 from imageshare.protocols.jpip.cachemodel import MAIN_HEADER, METADATA, PRECINCT, TILE, TILE_HEADER, CacheModel
+from imageshare.protocols.jpip.messages import MessageEncoder
 from imageshare.protocols.jpip.plan import (
     EOR_BYTE_LIMIT,
     EOR_IMAGE_DONE,
     EOR_WINDOW_DONE,
+    OPENJPEG,
     Piece,
     PlanResult,
     TargetBins,
@@ -29,6 +31,7 @@ from imageshare.protocols.jpip.plan import (
 from imageshare.protocols.jpip.window import Window, frame_size, max_discard, precincts, resolve
 from imageshare.transcode import openjpeg
 from imageshare.transcode.params import EncodeParams
+from tests.protocols.jpip import opj
 from tests.protocols.jpip.test_cachemodel import varied_codestream
 from tests.protocols.jpip.test_window import (
     Decoder,
@@ -442,3 +445,89 @@ def test_max_message_splits_long_pieces_for_http_tcp() -> None:
     assert len(split.pieces) > len(whole.pieces)
     assert merged(list(split.pieces), data) == merged(list(whole.pieces), data)
     assert split.eor_reason == whole.eor_reason
+
+
+# --- the openjpeg tile-header layout -------------------------------------------------------
+
+
+def test_openjpeg_tile_header_bin_bytes() -> None:
+    """In the openjpeg layout a tile-header bin is the SOT segment without FF90 (Lsot 10, Isot,
+    Psot 0, TPsot 0, TNsot 1), the part9 bin (the tile-part markers, PLT left out), then SOD;
+    its length is known without reading the codestream; every other bin is the same."""
+    data, index = varied_codestream(3, tile=(64, 48))
+    part9, opj_bins = TargetBins(index), TargetBins(index, OPENJPEG, data)
+    assert part9.tile_header_layout == "part9" and opj_bins.tile_header_layout == "openjpeg"
+    # Tile 2: SOT body | COM "tile 2" (the PLT after it is dropped) | SOD.
+    assert opj_bins.content(TILE_HEADER, 2, data) == bytes.fromhex(
+        "000a 0002 00000000 00 01" "ff64 000a 0001 74696c652032" "ff93"
+    )
+    for t in range(index.num_tiles):
+        sot = struct.pack(">HHIBB", 10, t, 0, 0, 1)
+        assert opj_bins.content(TILE_HEADER, t, data) == sot + part9.content(TILE_HEADER, t, data) + b"\xff\x93"
+        assert opj_bins.length(TILE_HEADER, t) == part9.length(TILE_HEADER, t) + 12 == 24
+    assert TargetBins(index, OPENJPEG, b"").length(TILE_HEADER, 3) == 24  # no byte read
+    assert opj_bins.length(TILE_HEADER, index.num_tiles) is None
+    for key in part9.keys(0):
+        if key[0] != TILE_HEADER:
+            assert opj_bins.content(key[0], key[2], data) == part9.content(key[0], key[2], data), key
+    with pytest.raises(ValueError, match="needs the codestream"):
+        TargetBins(index, OPENJPEG)
+    with pytest.raises(ValueError, match="unknown tile-header layout"):
+        TargetBins(index, "kakadu", data)
+
+
+def test_openjpeg_tile_headers_are_planned_whole_and_counted_in_the_model() -> None:
+    """Planned in the openjpeg layout, tile-header pieces carry the whole bin, complete; a byte
+    limit falling inside one ends the plan before it (part9 cuts it), and the next plan sends
+    it whole; the model counts the openjpeg bytes, so a repeat sends no header again."""
+    data, index = varied_codestream(3, tile=(64, 48))
+    win = Window(fsiz=(100, 80))
+    for bins in (TargetBins(index), TargetBins(index, OPENJPEG, data)):
+        whole = run((data, index), win, CacheModel(), bins=bins)
+        headers = [p for p in whole.pieces if p.bin_class == TILE_HEADER]
+        assert [p.body(data) for p in headers] == [bins.content(TILE_HEADER, t, data) for t in range(4)]
+        assert all(p.complete and p.bin_offset == 0 for p in headers)
+        assert [p.bin_class for p in whole.pieces[:3]] == [METADATA, MAIN_HEADER, TILE_HEADER]
+        limit = sum(p.header_length + p.length for p in whole.pieces[:3]) + 10  # inside tile header 1
+        model = CacheModel()
+        cut = run((data, index), win, model, byte_limit=limit, bins=bins)
+        assert cut.eor_reason == EOR_BYTE_LIMIT
+        if bins.tile_header_layout == OPENJPEG:
+            assert cut.pieces == whole.pieces[:3]
+        else:
+            assert cut.pieces[:3] == whole.pieces[:3] and cut.pieces[3].key == (TILE_HEADER, 0, 1)
+            assert not cut.pieces[3].complete and 0 < cut.pieces[3].length < 12
+        commit(model, cut.pieces)
+        rest = run((data, index), win, model, bins=bins)
+        first = rest.pieces[0]
+        assert first.key == (TILE_HEADER, 0, 1) and first.complete
+        assert first.body(data) == bins.content(TILE_HEADER, 1, data)[first.bin_offset :]
+        commit(model, rest.pieces)
+        assert model.held((TILE_HEADER, 0, 1)) == bins.length(TILE_HEADER, 1)
+        assert run((data, index), win, model, bins=bins).pieces == ()
+
+
+@needs_opj
+@pytest.mark.skipif(not opj.HAVE_TOOLS, reason="opj_jpip_transcode not installed")
+def test_openjpeg_layout_is_what_opj_jpip_transcode_reads(tmp_path: Path) -> None:
+    """OpenJPEG's own transcoder rebuilds our openjpeg-layout stream as it is (no tile-header
+    rewriting, only EORs dropped and headers made explicit): a first view and then the rest
+    of the image, in one model, decode exactly as the codestream does."""
+    data, index = encoded("gray12")
+    bins = TargetBins(index, OPENJPEG, data)
+    model = CacheModel()
+    bodies = []
+    for win in (Window(fsiz=(130, 98)), Window(fsiz=(517, 389))):
+        result = run((data, index), win, model, bins=bins)
+        encoder = MessageEncoder()
+        encoder.reset()
+        bodies.append(b"".join(
+            encoder.header(p.bin_class, p.csn, p.bin_id, p.bin_offset, p.length, p.complete, p.aux) + p.body(data)
+            for p in result.pieces
+        ) + encoder.eor(result.eor_reason))  # fmt: skip
+        commit(model, result.pieces)
+    source = tmp_path / "source.j2k"
+    source.write_bytes(data)
+    reference = opj.decode(source, tmp_path, (389, 517), precision=12, signed=False)
+    rebuilt = opj.transcode(tmp_path, *bodies, layout=OPENJPEG)
+    np.testing.assert_array_equal(opj.decode(rebuilt, tmp_path, (389, 517), precision=12, signed=False), reference)
