@@ -20,9 +20,15 @@ class ICatalog(Interface):
     """
 
     def record_instance(
-        record: InstanceRecord, *, path: str, size: int, incoming: str, calling_aet: str
+        record: InstanceRecord, *, path: str, size: int, incoming: str, calling_aet: str,
+        source_cert: str = "", replace: str = "any", changes: list[str] | None = None,
     ) -> int:
-        """Insert or replace an instance (state pending); return its new generation."""
+        """Insert or replace an instance (state pending); return its new generation.
+
+        ``replace`` (any, same_source, never) says who may change a stored instance or the
+        patient of a stored study; ``source_cert`` is the sender's certificate digest
+        (``sha256:<hex>``, or empty); identity changes made are appended to ``changes``.
+        Raises ``ReplaceRefused`` (``store.catalog``) with nothing changed."""
 
     def get_instance(sop_instance_uid: str) -> InstanceRow | None:
         """The instance, or ``None``."""

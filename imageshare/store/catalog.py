@@ -23,7 +23,22 @@ from imageshare.interfaces import ICatalog
 from imageshare.store.records import Counts, FrameRecord, InstanceRecord, InstanceRow, State
 from imageshare.store.sqlite import SqliteDatabase
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Who may change a stored instance ([dicom] replace, issue 12).
+REPLACE_ANY = "any"
+REPLACE_SAME_SOURCE = "same_source"
+REPLACE_NEVER = "never"
+
+# Schema 2: the source of an instance, the calling AE (and the SHA-256 of its certificate's
+# SubjectPublicKeyInfo, "sha256:<hex>", when it came over TLS) that stored it first.
+# Added to existing catalogs on open; rows of schema 1 take their calling_aet (the last
+# sender, the best that is known) and no certificate.
+_MIGRATE_2 = (
+    "ALTER TABLE instances ADD COLUMN source_aet TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE instances ADD COLUMN source_cert TEXT NOT NULL DEFAULT ''",
+    "UPDATE instances SET source_aet = calling_aet",
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS patients (
@@ -128,6 +143,10 @@ class CatalogError(Exception):
     """The catalog cannot be opened or is of an unknown version."""
 
 
+class ReplaceRefused(Exception):
+    """The instance (or its study's patient) may not be changed by this sender; nothing was."""
+
+
 @implementer(ICatalog)
 class SqliteCatalog(SqliteDatabase):
     """:class:`ICatalog` on an SQLite file."""
@@ -144,6 +163,11 @@ class SqliteCatalog(SqliteDatabase):
                 raise CatalogError(f"{path} was written by a newer ImageShare (schema {version})")
             # executescript commits on its own; every statement is idempotent (IF NOT EXISTS).
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(instances)")}
+            if "source_aet" not in columns:
+                with conn:  # one transaction: the columns and their values, or nothing
+                    for statement in _MIGRATE_2:
+                        conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -158,11 +182,31 @@ class SqliteCatalog(SqliteDatabase):
             yield conn
 
     def record_instance(
-        self, record: InstanceRecord, *, path: str, size: int, incoming: str, calling_aet: str
+        self,
+        record: InstanceRecord,
+        *,
+        path: str,
+        size: int,
+        incoming: str,
+        calling_aet: str,
+        source_cert: str = "",
+        replace: str = REPLACE_ANY,
+        changes: list[str] | None = None,
     ) -> int:
+        """
+        Insert or replace an instance; see :class:`ICatalog`.
+
+        ``replace`` says who may change a stored instance (and the patient of a stored
+        study): ``any`` sender, the ``same_source`` (the calling AE that stored it first,
+        and its certificate ``source_cert`` if that one was recorded), or ``never``. A
+        refused change raises :class:`ReplaceRefused` and the transaction is rolled back.
+        Identity changes that are made (Patient ID or Issuer of a re-sent instance, a
+        study moved to another patient) are appended to ``changes``, without values.
+        """
         now = time.time()
         r = record
         with self._write() as c:
+            self._check_replace(c, r, calling_aet, source_cert, replace, changes)
             c.execute(
                 "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name, patient_birth_date, patient_sex)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (patient_id, issuer_of_patient_id) DO UPDATE SET"
@@ -198,17 +242,63 @@ class SqliteCatalog(SqliteDatabase):
             generation = (row[0] if row else 0) + 1
             # A re-sent instance replaces the old one: its frames are stale from now on.
             c.execute("DELETE FROM frames WHERE sop_instance_uid=?", (r.sop_instance_uid,))
+            source = c.execute(
+                "SELECT source_aet, source_cert FROM instances WHERE sop_instance_uid=?", (r.sop_instance_uid,)
+            ).fetchone() or (calling_aet, source_cert)
             c.execute(
-                "INSERT OR REPLACE INTO instances VALUES"
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid,"
+                " sop_class_uid, transfer_syntax_uid, instance_number, content_date, content_time, rows, columns,"
+                " number_of_frames, bits_allocated, bits_stored, samples_per_pixel, photometric_interpretation,"
+                " path, size, generation, state, reason, incoming, calling_aet, received_at, updated_at,"
+                " source_aet, source_cert) VALUES"
                 " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                "  COALESCE((SELECT received_at FROM instances WHERE sop_instance_uid=?), ?), ?)",
+                "  COALESCE((SELECT received_at FROM instances WHERE sop_instance_uid=?), ?), ?, ?, ?)",
                 (r.sop_instance_uid, r.series_instance_uid, r.study_instance_uid, r.sop_class_uid,
                  r.transfer_syntax_uid, r.instance_number, r.content_date, r.content_time, r.rows, r.columns,
                  r.number_of_frames, r.bits_allocated, r.bits_stored, r.samples_per_pixel,
                  r.photometric_interpretation, path, size, generation, State.PENDING.value, "", incoming,
-                 calling_aet, r.sop_instance_uid, now, now),
+                 calling_aet, r.sop_instance_uid, now, now, *source),
             )
         return generation
+
+    @staticmethod
+    def _check_replace(
+        c: sqlite3.Connection, r: InstanceRecord, calling_aet: str, source_cert: str, replace: str,
+        changes: list[str] | None,
+    ) -> None:
+        """In the write transaction: refuse what ``replace`` forbids, note identity changes."""
+        def same_source(aet: str, cert: str) -> bool:
+            return aet == calling_aet and (not cert or cert == source_cert)
+
+        old = c.execute(
+            "SELECT i.source_aet, i.source_cert, p.patient_id, p.issuer_of_patient_id FROM instances i"
+            " LEFT JOIN studies s ON s.study_instance_uid = i.study_instance_uid"
+            " LEFT JOIN patients p ON p.pk = s.patient_pk WHERE i.sop_instance_uid=?",
+            (r.sop_instance_uid,),
+        ).fetchone()
+        if old is not None:
+            if replace == REPLACE_NEVER:
+                raise ReplaceRefused("instance already stored; replacing is disabled")
+            if replace == REPLACE_SAME_SOURCE and not same_source(old[0], old[1]):
+                raise ReplaceRefused("instance already stored by another source")
+        study = c.execute(
+            "SELECT p.patient_id, p.issuer_of_patient_id FROM studies s JOIN patients p ON p.pk = s.patient_pk"
+            " WHERE s.study_instance_uid=?",
+            (r.study_instance_uid,),
+        ).fetchone()
+        moved = study is not None and tuple(study) != (r.patient_id, r.issuer_of_patient_id)
+        if moved and replace != REPLACE_ANY:
+            others = c.execute(
+                "SELECT source_aet, source_cert FROM instances WHERE study_instance_uid=? AND sop_instance_uid!=?",
+                (r.study_instance_uid, r.sop_instance_uid),
+            ).fetchall()
+            if replace == REPLACE_NEVER or not all(same_source(aet, cert) for aet, cert in others):
+                raise ReplaceRefused("Patient ID differs from the stored study's")
+        if changes is not None:
+            if old is not None and old[2] is not None and (old[2], old[3]) != (r.patient_id, r.issuer_of_patient_id):
+                changes.append("instance patient identity")
+            if moved:
+                changes.append("study moved to another patient")
 
     def get_instance(self, sop_instance_uid: str) -> InstanceRow | None:
         with self._connection() as c:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+from typing import Any, Callable
 
 import attrs
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -20,13 +21,19 @@ from imageshare.dicom.filemeta import encode_file_meta
 from imageshare.dicom.uids import is_valid_uid
 from imageshare.dicom.wellformed import InflatedTooLarge, MalformedDataset, check_dataset, inflate_buffer
 from imageshare.interfaces import ICatalog
+from imageshare.logsafe import Logger
 from imageshare.store.archive import Archive
+from imageshare.store.catalog import REPLACE_SAME_SOURCE, ReplaceRefused
 from imageshare.store.records import InstanceRecord
+
+_log = Logger(namespace="imageshare.store")
 
 # DICOM C-STORE failure statuses (PS3.4 Table B.2-1).
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+# PS3.7 C.5.x, listed for C-STORE in PS3.4 B.2.3: the sender may not change this instance.
+NOT_AUTHORIZED = 0x0124
 
 #: The default ``max_object_size``, as in ``[dicom]``.
 DEFAULT_MAX_OBJECT_SIZE = 1 << 30
@@ -41,6 +48,16 @@ class IngestError(Exception):
         # Error Comment is LO: at most 64 characters, no backslash (the value separator)
         # and no control characters, whatever the exception text held.
         self.comment = re.sub(r"[^\x20-\x5b\x5d-\x7e]", "?", comment)[:64]
+
+
+@attrs.frozen
+class IdentityChange:
+    """A stored instance changed patient identity (for the audit trail; no values)."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    calling_aet: str
+    changes: tuple[str, ...]  # "instance patient identity", "study moved to another patient"
 
 
 @attrs.frozen
@@ -73,10 +90,16 @@ class Ingestor:
         *,
         max_object_size: int = DEFAULT_MAX_OBJECT_SIZE,
         stripes: int = 64,
+        replace: str = REPLACE_SAME_SOURCE,
+        on_identity_change: Callable[[IdentityChange], Any] | None = None,
     ) -> None:
         self._archive = archive
         self._catalog = catalog
         self.max_object_size = max_object_size
+        #: ``[dicom] replace``: who may change a stored instance (any, same_source, never).
+        self.replace = replace
+        #: Called (in the storing thread, after the commit) when an identity changed.
+        self.on_identity_change = on_identity_change
         # Two associations sending the same instance at once must publish in the order
         # they committed, or the file and the catalog would disagree: lock per UID stripe.
         self._locks = [threading.Lock() for _ in range(stripes)]
@@ -124,6 +147,7 @@ class Ingestor:
         sop_class_uid: str,
         sop_instance_uid: str,
         calling_aet: str,
+        source_cert: str = "",
     ) -> Stored:
         """
         Store one received instance durably.
@@ -136,6 +160,10 @@ class Ingestor:
             From the presentation context and the C-STORE request.
         calling_aet
             The sender, recorded with the instance.
+        source_cert
+            ``sha256:<hex>`` of the sender's certificate SPKI over TLS, else empty: with
+            the calling AE, the source that alone may replace the instance
+            (``replace = same_source``).
 
         Raises
         ------
@@ -169,6 +197,7 @@ class Ingestor:
         except OSError as e:
             raise IngestError(OUT_OF_RESOURCES, f"cannot write: {e.strerror}") from None
         lock = self._locks[hash(sop_instance_uid) % len(self._locks)]
+        changes: list[str] = []
         with lock:
             try:
                 generation = self._catalog.record_instance(
@@ -177,7 +206,13 @@ class Ingestor:
                     size=incoming.size,
                     incoming=incoming.name,
                     calling_aet=calling_aet,
+                    source_cert=source_cert,
+                    replace=self.replace,
+                    changes=changes,
                 )
+            except ReplaceRefused as e:
+                self._archive.discard(incoming)
+                raise IngestError(NOT_AUTHORIZED, str(e)) from None
             except Exception as e:
                 self._archive.discard(incoming)
                 raise IngestError(OUT_OF_RESOURCES, f"cannot record: {type(e).__name__}") from None
@@ -186,7 +221,26 @@ class Ingestor:
             except OSError as e:
                 # Committed but not published: recovery at the next start finishes it.
                 raise IngestError(OUT_OF_RESOURCES, f"cannot publish: {e.strerror}") from None
+        if changes:
+            self._identity_changed(IdentityChange(sop_instance_uid, record.study_instance_uid, calling_aet,
+                                                  tuple(changes)))
         return Stored(record, generation, path, incoming.size)
+
+    def _identity_changed(self, change: IdentityChange) -> None:
+        # Warning level, and never the values: which identifiers changed, not to what.
+        _log.warn(
+            "patient identity changed by {calling_aet} storing {sop_instance_uid} (study {study_instance_uid}):"
+            " {changes}",
+            calling_aet=change.calling_aet,
+            sop_instance_uid=change.sop_instance_uid,
+            study_instance_uid=change.study_instance_uid,
+            changes=", ".join(change.changes),
+        )
+        if self.on_identity_change is not None:
+            try:
+                self.on_identity_change(change)
+            except Exception:
+                _log.failure("on_identity_change callback failed")
 
     def recover(self) -> tuple[int, int]:
         """Finish or undo what a crash left half-way; return (published, removed)."""

@@ -232,7 +232,8 @@ def test_soak_leaves_descriptors_and_memory_where_they_were(twistd: Any, tmp_pat
     # re-send replaces the instance and transcodes it again), and a non-image.
     viewed = make_instances(tmp_path / "viewed", 2, seed="soak-viewed")
     to_store = make_instances(tmp_path / "stored", 8, seed="soak-stored") + [sample_file("rtplan.dcm")]
-    assert scu_store(server.ports["dicom"], viewed + to_store) == [0] * (len(viewed) + len(to_store))
+    # From the AE that re-sends them later: [dicom] replace = same_source refuses another.
+    assert scu_store(server.ports["dicom"], viewed + to_store, ae_title="SOAKSCU") == [0] * (len(viewed) + len(to_store))
     served = {}
     for path in viewed:
         ds = dcmread(path, stop_before_pixels=True)

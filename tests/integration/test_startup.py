@@ -27,3 +27,15 @@ def test_port_in_use_stops_twistd(config_file, tmp_path: Path, section: str, key
                                 capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode != 0
     assert "Address already in use" in result.stdout + result.stderr
+
+
+def test_unprotected_remote_listener_stops_twistd(config_file, tmp_path: Path) -> None:
+    """A DICOM listener on every address with no calling-AE lists (and no client
+    certificates) stops twistd at once, with the one-line reason and the way out."""
+    config = config_file(dicom={"listen": "tcp:0:interface=0.0.0.0"})
+    result = subprocess.run([TWISTD, "-n", "--pidfile=", "imageshare", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "bad configuration: [dicom] listen: listens on 0.0.0.0" in output
+    assert "insecure_remote = yes" in output

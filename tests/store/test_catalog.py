@@ -108,3 +108,34 @@ def test_concurrent_writers(tmp_path: Path) -> None:
     assert c.counts().instances == 100
     assert c.counts().studies == 4
     c.close()
+
+
+def test_schema_1_catalog_is_migrated(tmp_path: Path) -> None:
+    """A catalog written before instance sources (schema 1) opens: every row gets its
+    calling AE as source and no certificate; the same_source rule then applies to it."""
+    import sqlite3
+
+    import pytest
+
+    from imageshare.store import catalog as catalog_module
+
+    path = tmp_path / "old.sqlite3"
+    c = SqliteCatalog(path)
+    c.record_instance(record(), path="objects/x.dcm", size=5, incoming="a.part", calling_aet="PACS")
+    c.close()
+    with sqlite3.connect(path) as db:  # back to schema 1, as an older ImageShare left it
+        db.execute("ALTER TABLE instances DROP COLUMN source_aet")
+        db.execute("ALTER TABLE instances DROP COLUMN source_cert")
+        db.execute("PRAGMA user_version = 1")
+    c = SqliteCatalog(path)
+    try:
+        assert c.get_instance("1.2.3.4") is not None
+        with c.reader() as conn:
+            assert conn.execute("SELECT source_aet, source_cert FROM instances").fetchall() == [("PACS", "")]
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == catalog_module.SCHEMA_VERSION
+        with pytest.raises(catalog_module.ReplaceRefused):
+            c.record_instance(record(), path="p", size=1, incoming="b", calling_aet="OTHER", replace="same_source")
+        assert c.record_instance(record(), path="p", size=1, incoming="b", calling_aet="PACS",
+                                 replace="same_source") == 2
+    finally:
+        c.close()

@@ -50,12 +50,13 @@ def test_store_keeps_the_bytes_and_records(ingestor, name: str) -> None:
 
 
 def test_resend_replaces(ingestor) -> None:
-    """Receiving the same instance again replaces it and bumps the generation."""
+    """Receiving the same instance again (from its source: replace = same_source is the
+    default) replaces it and bumps the generation."""
     ing, catalog, root = ingestor
     data, ts, cls, sop = wire_dataset(sample_file("CT_small.dcm"))
     ing.store(data, transfer_syntax=ts, sop_class_uid=cls, sop_instance_uid=sop, calling_aet="A")
     catalog.complete(sop, 1, State.STREAMABLE, "", [])
-    again = ing.store(data, transfer_syntax=ts, sop_class_uid=cls, sop_instance_uid=sop, calling_aet="B")
+    again = ing.store(data, transfer_syntax=ts, sop_class_uid=cls, sop_instance_uid=sop, calling_aet="A")
     assert again.generation == 2
     row = catalog.get_instance(sop)
     assert row is not None and row.state is State.PENDING
