@@ -68,6 +68,9 @@ class Session(Generic[M]):
     last_used: float
     #: Whose session it is (a peer address today, an authenticated principal later).
     client: str = ""
+    #: Who opened it (an authenticated principal, ``""`` without access control): only
+    #: that owner may use its channels; to anyone else they do not exist.
+    owner: str = ""
     channels: dict[str, Channel] = attrs.Factory(dict)
     closed: bool = False
 
@@ -150,7 +153,7 @@ class SessionRegistry(Generic[M]):
         if len(self._sessions) >= self.max_sessions:
             raise SessionLimit(f"too many sessions ({self.max_sessions})", self._retry_after(self._sessions, now))
 
-    def open(self, target: Any, model: M, transport: str, now: float, client: str = "") -> Channel:
+    def open(self, target: Any, model: M, transport: str, now: float, client: str = "", owner: str = "") -> Channel:
         """Start a session of ``client`` with its first channel.
 
         Raises
@@ -159,7 +162,7 @@ class SessionRegistry(Generic[M]):
             See :meth:`admit`.
         """
         self.admit(client, now)
-        session: Session[M] = Session(target=target, model=model, last_used=now, client=client)
+        session: Session[M] = Session(target=target, model=model, last_used=now, client=client, owner=owner)
         self._sessions.add(session)
         self._by_client.setdefault(client, set()).add(session)
         return self._add_channel(session, transport)
