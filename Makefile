@@ -7,8 +7,9 @@ PYTEST_ARGS ?=
 # Debian 12 packages: the OpenJPEG library and tools, the JPIP decoder/transcoder (used to
 # validate streams), OpenJPEG's Java JPIP viewer (it pulls in a JRE with AWT) run headless
 # under Xvfb, screenshot with xwd (x11-apps), in a namespace set up with ip (iproute2),
-# dcmtk (storescu and friends), dicom3tools (dciodvfy) and Orthanc (a PACS retrieving from us).
-APT_PACKAGES = python3-venv libopenjp2-7 libopenjp2-tools libopenjpip-dec-server libopenjpip-viewer xvfb x11-apps iproute2 dcmtk dicom3tools orthanc
+# dcmtk (storescu and friends), dicom3tools (dciodvfy), Orthanc (a PACS retrieving from us) and
+# rsyslog with its TLS driver (a real audit record repository in tests/integration/test_audit_syslog.py).
+APT_PACKAGES = python3-venv libopenjp2-7 libopenjp2-tools libopenjpip-dec-server libopenjpip-viewer xvfb x11-apps iproute2 dcmtk dicom3tools orthanc rsyslog rsyslog-gnutls
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP = $(VENV)/.installed
 

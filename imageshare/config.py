@@ -54,6 +54,20 @@ class DicomConfig:
     max_associations_per_address: int
     negotiation_timeout: float
     max_object_size: int
+    # Calling AE titles allowed per operation (issue 12); empty: allowed_calling_aets.
+    store_calling_aets: tuple[str, ...] = ()
+    query_calling_aets: tuple[str, ...] = ()
+    retrieve_calling_aets: tuple[str, ...] = ()
+    # Who may change a stored instance: any, same_source (default), never (issue 12).
+    replace: str = "same_source"
+
+    def calling_aets(self, operation: str) -> tuple[str, ...]:
+        """
+        The calling AE titles allowed to ``operation`` (``"store"``, ``"query"`` or
+        ``"retrieve"``): its own list, else ``allowed_calling_aets``; empty: any.
+        """
+        own: tuple[str, ...] = getattr(self, f"{operation}_calling_aets")
+        return own or self.allowed_calling_aets
 
 
 @attrs.frozen
@@ -178,8 +192,56 @@ class DicomDestination:
 
 
 @attrs.frozen
+class DicomPeer:
+    """``[dicom_peers]``: a peer AE title and the SHA-256 digests of the SubjectPublicKeyInfo
+    of the certificates it may present (any one matches; several allow a key rollover)."""
+
+    ae_title: str
+    pins: tuple[bytes, ...]
+
+
+@attrs.frozen
+class AuditConfig:
+    """``[audit]``: the IHE ATNA audit trail (see docs/configuration.md)."""
+
+    syslog: tuple[str, str, int] | None = None  # (tls|udp, host, port); None: the local audit log only
+    source_id: str = ""  # AuditSourceID; empty: [dicom] ae_title
+    site_id: str = ""  # AuditEnterpriseSiteID; empty: left out
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    max_spool: int = 256 * 1024 * 1024  # bytes of messages waiting for the repository
+    retry_max: float = 60.0  # longest wait between reconnection attempts
+
+
+@attrs.frozen
 class LogConfig:
     level: str  # the least severe level written: debug, info, warn, error
+
+
+@attrs.frozen
+class AuthConfig:
+    """``[auth]``: bearer tokens on the HTTP interfaces (see docs/security.md)."""
+
+    mode: str = "none"  # none | bearer
+    issuer: str = ""
+    audience: str = ""
+    jwks: str = ""  # an https URL or an absolute file path (resolved)
+    jwks_ca_file: Path | None = None
+    jwks_timeout: float = 10.0
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256")
+    leeway: float = 60.0
+    require_typ: str = "at+jwt"
+    scope_image_read: str = "image.read"
+    scope_xds_read: str = "xds.read"
+    scope_xds_write: str = "xds.write"
+    scope_admin: str = "admin"
+    # Listeners beyond loopback may go unprotected (checked by imageshare.exposure).
+    insecure_remote: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "bearer"
 
 
 @attrs.frozen
@@ -197,6 +259,12 @@ class Config:
     dicom_destinations: tuple[DicomDestination, ...]
     xds: XdsConfig
     log: LogConfig = LogConfig(level="info")
+    # Bearer tokens on the HTTP interfaces (issue 12).
+    auth: AuthConfig = AuthConfig()
+    # Certificate pins per peer AE title (issue 12).
+    dicom_peers: tuple[DicomPeer, ...] = ()
+    # The ATNA audit trail (issue 12).
+    audit: AuditConfig = AuditConfig()
     # Deprecated keys that were read, as one line each for the start-up log.
     deprecations: tuple[str, ...] = ()
 
@@ -327,6 +395,20 @@ class _Reader:
 
         return self.get(section, key, default, parse)
 
+    def optional_file(self, section: str, key: str) -> Path | None:
+        """An existing file (relative to the config file's folder), or ``None`` when empty."""
+
+        def parse(text: str) -> Path | None:
+            if not text.strip():
+                return None
+            p = Path(os.path.expanduser(text.strip()))
+            p = p if p.is_absolute() else (self._base / p)
+            if not p.is_file():
+                raise ValueError(f"no such file: {p}")
+            return p
+
+        return self.get(section, key, "", parse)
+
 
 def load(path: str | os.PathLike[str] | None) -> Config:
     """
@@ -377,6 +459,10 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             max_associations_per_address=r.get("dicom", "max_associations_per_address", "16", _int_range(1, 1000)),
             negotiation_timeout=r.get("dicom", "negotiation_timeout", "10", _seconds),
             max_object_size=r.get("dicom", "max_object_size", "1073741824", _int_range(1 << 16, 1 << 36)),
+            store_calling_aets=r.get("dicom", "store_calling_aets", "", _ae_list),
+            query_calling_aets=r.get("dicom", "query_calling_aets", "", _ae_list),
+            retrieve_calling_aets=r.get("dicom", "retrieve_calling_aets", "", _ae_list),
+            replace=r.get("dicom", "replace", "same_source", _replace),
         ),
         http=HttpConfig(
             listen=r.get("http", "listen", "tcp:8080:interface=127.0.0.1", _http_endpoint(base)),
@@ -429,14 +515,23 @@ def load(path: str | os.PathLike[str] | None) -> Config:
             max_queue_per_client=r.get("wado", "max_queue_per_client", "16", _int_range(1, 100_000)),
         ),
         dicom_destinations=_destinations(parser, r),
+        dicom_peers=_peers(parser, r),
         xds=_xds(r, public_url),
         log=LogConfig(level=r.get("log", "level", "info", _log_level)),
+        auth=_auth(r),
+        audit=_audit(r),
         deprecations=deprecations,
     )
     for section in parser.sections():
         for key in parser.options(section):
             if (section, key.lower()) not in r.used:
                 raise ConfigError(section, key, "unknown key (misspelt?)")
+    _check_peers(config)
+    from imageshare.exposure import exposure
+
+    unsafe = exposure(config)
+    if unsafe is not None:
+        raise ConfigError(*unsafe)
     if config.jpip.tcp_listen is None:
         for key in ("tcp_public_host", "tcp_public_port"):
             if getattr(config.jpip, key) is not None:
@@ -533,6 +628,69 @@ def _destinations(parser: configparser.ConfigParser, r: "_Reader") -> tuple[Dico
         except ValueError as e:
             raise ConfigError("dicom_destinations", key, str(e)) from None
         out.append(DicomDestination(aet, m.group(1).strip("[]"), int(m.group(2)), "tls" in options, "jpip" in options))
+    return tuple(out)
+
+
+def _replace(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("any", "same_source", "never"):
+        raise ValueError(f"expected any, same_source or never, got {text!r}")
+    return value
+
+
+def _pin(text: str) -> bytes:
+    """``sha256:`` and the SHA-256 of a certificate's SubjectPublicKeyInfo, in hex (colons
+    between byte pairs allowed) or in base64 (as ``openssl ... | base64`` and HPKP write it)."""
+    import base64
+    import binascii
+
+    kind, sep, value = text.strip().partition(":")
+    if not sep or kind.lower() != "sha256" or not value:
+        raise ValueError(f"expected sha256:<hex or base64 SPKI digest>, got {text!r}")
+    compact = value.replace(":", "")
+    if re.fullmatch(r"[0-9A-Fa-f]{64}", compact):
+        return bytes.fromhex(compact)
+    try:
+        digest = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        digest = b""
+    if len(digest) != 32:
+        raise ValueError(f"not a SHA-256 digest (64 hex digits or 44 base64 characters): {text!r}")
+    return digest
+
+
+def _check_peers(config: Config) -> None:
+    """A pin can only be checked where a certificate is presented: incoming, a listener
+    that requires client certificates (``ssl:`` with ``caCerts``); outgoing, ``:tls``."""
+    if not config.dicom_peers:
+        return
+    endpoint = parse_dicom_endpoint(config.dicom.listen)
+    first = config.dicom_peers[0].ae_title
+    if not endpoint.tls or not endpoint.ca_certs:
+        raise ConfigError("dicom_peers", first, "certificate pins need [dicom] listen = ssl:... with caCerts "
+                          "(client certificates required)")
+    pinned = {p.ae_title for p in config.dicom_peers}
+    for destination in config.dicom_destinations:
+        if destination.ae_title in pinned and not destination.tls:
+            raise ConfigError("dicom_destinations", destination.ae_title,
+                              "this peer has a certificate pin in [dicom_peers]: add :tls")
+
+
+def _peers(parser: configparser.ConfigParser, r: "_Reader") -> tuple[DicomPeer, ...]:
+    """``[dicom_peers]``: ``AET = sha256:<digest>[, sha256:<digest>...]``."""
+    if not parser.has_section("dicom_peers"):
+        return ()
+    out = []
+    for key, text in parser.items("dicom_peers", raw=True):
+        r.used.add(("dicom_peers", key.lower()))
+        try:
+            aet = _ae_title(key)
+            pins = tuple(_pin(item) for item in re.split(r"[,\s]+", text.strip()) if item)
+        except ValueError as e:
+            raise ConfigError("dicom_peers", key, str(e)) from None
+        if not pins:
+            raise ConfigError("dicom_peers", key, "expected at least one sha256:<digest>")
+        out.append(DicomPeer(aet, pins))
     return tuple(out)
 
 
@@ -635,18 +793,6 @@ def _unmapped(text: str) -> str:
 
 
 def _xds(r: _Reader, public_url: str) -> XdsConfig:
-    def optional_file(key: str) -> Path | None:
-        def parse(text: str) -> Path | None:
-            if not text.strip():
-                return None
-            p = Path(os.path.expanduser(text.strip()))
-            p = p if p.is_absolute() else (r.base / p)
-            if not p.is_file():
-                raise ValueError(f"no such file: {p}")
-            return p
-
-        return r.get("xds", key, "", parse)
-
     repository = r.get("xds", "repository_url", "embedded", _repository_url)
     codes = []
     for key, attribute in _XDS_CODES:
@@ -665,9 +811,9 @@ def _xds(r: _Reader, public_url: str) -> XdsConfig:
         retry_initial=retry_initial,
         retry_max=r.get("xds", "retry_max", "600", _seconds),
         max_attempts=r.get("xds", "max_attempts", "20", _int_range(1, 1000)),
-        ca_file=optional_file("ca_file"),
-        client_cert=optional_file("client_cert"),
-        client_key=optional_file("client_key"),
+        ca_file=r.optional_file("xds", "ca_file"),
+        client_cert=r.optional_file("xds", "client_cert"),
+        client_key=r.optional_file("xds", "client_key"),
         patient_authority=r.get("xds", "patient_authority", "", _optional_oid),
         source_id=r.get("xds", "source_id", "", _optional_oid),
         repository_unique_id=r.get("xds", "repository_unique_id", "", _optional_oid),
@@ -684,4 +830,118 @@ def _xds(r: _Reader, public_url: str) -> XdsConfig:
         config.domain("1.2.3")  # any valid OID: checks the configured values together
     except AffinityDomainError as e:
         raise ConfigError("xds", "-", str(e)) from None
+    return config
+
+
+# -- [auth] -----------------------------------------------------------------------------------
+
+_ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
+
+
+def _auth_mode(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("none", "bearer"):
+        raise ValueError(f"expected none or bearer, got {text!r}")
+    return value
+
+
+def _algorithms(text: str) -> tuple[str, ...]:
+    items = tuple(t for t in re.split(r"[,\s]+", text.strip()) if t)
+    if not items:
+        raise ValueError("must name at least one algorithm")
+    for item in items:
+        if item not in _ASYMMETRIC:
+            raise ValueError(f"{item!r} is not accepted: only {', '.join(_ASYMMETRIC)} (never none or HMAC)")
+    return items
+
+
+def _scope_name(text: str) -> str:
+    value = text.strip()
+    if not re.match(r"^[\x21\x23-\x5b\x5d-\x7e]+$", value):
+        raise ValueError(f"expected one scope token (no spaces or quotes), got {text!r}")
+    return value
+
+
+def _leeway(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value <= 600:
+        raise ValueError(f"must be between 0 and 600 seconds, got {text}")
+    return value
+
+
+def _auth(r: _Reader) -> AuthConfig:
+    def jwks(text: str) -> str:
+        text = text.strip()
+        if not text or re.match(r"^https://[^/\s?#]+(/[^\s#]*)?$", text):
+            return text
+        if re.match(r"^[a-z]+://", text, re.I):
+            raise ValueError(f"expected an https URL or a file, got {text!r}")
+        p = Path(os.path.expanduser(text))
+        p = p if p.is_absolute() else (r.base / p)
+        if not p.is_file():
+            raise ValueError(f"no such file: {p}")
+        return str(p)
+
+    config = AuthConfig(
+        mode=r.get("auth", "mode", "none", _auth_mode),
+        issuer=r.get("auth", "issuer", "", str.strip),
+        audience=r.get("auth", "audience", "", str.strip),
+        jwks=r.get("auth", "jwks", "", jwks),
+        jwks_ca_file=r.optional_file("auth", "jwks_ca_file"),
+        jwks_timeout=r.get("auth", "jwks_timeout", "10", _seconds),
+        algorithms=r.get("auth", "algorithms", "RS256, PS256, ES256", _algorithms),
+        leeway=r.get("auth", "leeway", "60", _leeway),
+        require_typ=r.get("auth", "require_typ", "at+jwt", lambda t: t.strip()),
+        scope_image_read=r.get("auth", "scope_image_read", "image.read", _scope_name),
+        scope_xds_read=r.get("auth", "scope_xds_read", "xds.read", _scope_name),
+        scope_xds_write=r.get("auth", "scope_xds_write", "xds.write", _scope_name),
+        scope_admin=r.get("auth", "scope_admin", "admin", _scope_name),
+        insecure_remote=r.get("auth", "insecure_remote", "no", _bool),
+    )
+    if config.enabled:
+        for key in ("issuer", "audience", "jwks"):
+            if not getattr(config, key):
+                raise ConfigError("auth", key, "is required with mode = bearer")
+    return config
+
+
+# -- [audit] ----------------------------------------------------------------------------------
+
+
+def _syslog(text: str) -> tuple[str, str, int] | None:
+    text = text.strip()
+    if not text:
+        return None
+    m = re.match(r"^(tls|udp):([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})$", text)
+    if not m or not 0 < int(m.group(3)) < 65536:
+        raise ValueError(f"expected tls:HOST:PORT or udp:HOST:PORT, or nothing, got {text!r}")
+    return m.group(1), m.group(2).strip("[]"), int(m.group(3))
+
+
+def _audit(r: _Reader) -> AuditConfig:
+    def token(text: str) -> str:
+        text = text.strip()
+        if not re.match(r"^[\x21-\x7e]{0,64}$", text):
+            raise ValueError(f"expected up to 64 printable ASCII characters without spaces, got {text!r}")
+        return text
+
+    config = AuditConfig(
+        syslog=r.get("audit", "syslog", "", _syslog),
+        source_id=r.get("audit", "source_id", "", token),
+        site_id=r.get("audit", "site_id", "", token),
+        ca_file=r.optional_file("audit", "ca_file"),
+        client_cert=r.optional_file("audit", "client_cert"),
+        client_key=r.optional_file("audit", "client_key"),
+        max_spool=r.get("audit", "max_spool", "268435456", _int_range(1 << 20, 1 << 40)),
+        retry_max=r.get("audit", "retry_max", "60", _seconds),
+    )
+    if config.client_key is not None and config.client_cert is None:
+        raise ConfigError("audit", "client_key", "needs client_cert")
+    if config.syslog is not None and config.syslog[0] == "udp":
+        for key in ("ca_file", "client_cert", "client_key"):
+            if getattr(config, key) is not None:
+                raise ConfigError("audit", key, "applies to syslog = tls:... only")
     return config

@@ -261,6 +261,25 @@ def server_endpoint(reactor: Any, description: str, base: Path | None = None) ->
     return _build(reactor, parse_server_endpoint(description, base))
 
 
+def client_tls_material(ca_file: Path | None, client_cert: Path | None, client_key: Path | None) -> tuple[Any, Any]:
+    """
+    What an outgoing TLS connection of ours trusts and presents: the CA certificate in
+    ``ca_file`` (the platform's roots if ``None``) and the client certificate (with its key
+    from ``client_key``, or from the same file), as ``twisted.internet.ssl`` objects for
+    ``optionsForClientTLS(trustRoot=..., clientCertificate=...)``.
+    """
+    from twisted.internet import ssl as tls
+
+    trust = tls.Certificate.loadPEM(ca_file.read_bytes()) if ca_file is not None else tls.platformTrust()
+    certificate = None
+    if client_cert is not None:
+        pem = client_cert.read_bytes()
+        if client_key is not None:
+            pem = pem + b"\n" + client_key.read_bytes()
+        certificate = tls.PrivateCertificate.loadPEM(pem)
+    return trust, certificate
+
+
 def _build(reactor: Any, endpoint: ServerEndpoint) -> Any:
     from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 

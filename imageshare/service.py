@@ -24,6 +24,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from imageshare import __version__
+from imageshare.audit import build_audit
+from imageshare.auth import audit_refusals, build_auth, soap_scope
+from imageshare.auth.patients import PatientAccess
 from imageshare.config import Config
 from imageshare.conncaps import ConnectionCaps
 from imageshare.endpoints import server_endpoint
@@ -32,6 +35,7 @@ from imageshare.logbridge import bridge_stdlib_logging
 from imageshare.logsafe import Logger, set_minimum_level
 from imageshare.manifests import LocationUid, ManifestBuilder, ManifestService
 from imageshare.protocols.dicom.bridge import ReactorBridge
+from imageshare.protocols.dicom.access import AccessPolicy
 from imageshare.protocols.dicom.handlers import StoreHandler
 from imageshare.protocols.dicom.listener import DicomListenerService
 from imageshare.protocols.dicom.qr import QueryRetrieveSCP, client_tls_context
@@ -136,11 +140,18 @@ class ImageShareService(MultiService):
         data_dir.mkdir(parents=True, exist_ok=True)
         self.catalog = SqliteCatalog(data_dir / "catalog.sqlite3")
         self.archive = Archive(data_dir / "archive")
-        self.ingestor = Ingestor(self.archive, self.catalog, max_object_size=config.dicom.max_object_size)
+        # replace: who may re-send an instance (same_source: the AE, and certificate, that stored it).
+        self.ingestor = Ingestor(self.archive, self.catalog, max_object_size=config.dicom.max_object_size,
+                                 replace=config.dicom.replace)
         self.bridge = ReactorBridge(reactor)
         # Seen by the worker processes: running jobs stop between frames at shutdown.
         self.stopping = SharedFlag()
         self.started_at = reactor.seconds()
+        # The ATNA audit trail ([audit]): local log, spool, syslog; the parts that record events get it.
+        self.audit = build_audit(config, reactor, data_dir)
+        # Bearer tokens on every HTTP interface ([auth]); guards are no-ops with mode = none.
+        self.auth = auth = build_auth(config, reactor, on_refused=audit_refusals(self.audit))
+        scopes = auth.scopes
 
         tc = config.transcode
         self.db_pool = WorkerPoolService("catalog-pool", 2, reactor)
@@ -180,10 +191,11 @@ class ImageShareService(MultiService):
                 self.xds_outbox,
                 RequestBuilder(self.xds_outbox, self.archive.root, self.catalog, config.xds),
                 self.db_pool,
-                make_http_client(reactor, config.xds),
+                auth.internal_client(make_http_client(reactor, config.xds)),
                 reactor,
                 config.xds,
                 catalog=self.catalog,
+                audit=self.audit,
             )
         mc = config.manifest
         self.manifests = ManifestService(
@@ -205,6 +217,9 @@ class ImageShareService(MultiService):
         )
 
         jc = config.jpip
+        # Tokens naming a patient see only that patient's studies (catalog queries: on a pool).
+        location = LocationUid(self.catalog, mc.retrieve_location_uid)
+        patients = PatientAccess(self.catalog, lambda: config.xds.domain(location()))
         loader = TargetLoader(self.catalog, data_dir)
         self.jpip = JpipServer(
             lambda uid, stream: self.db_pool.run(loader, uid, stream),
@@ -229,17 +244,20 @@ class ImageShareService(MultiService):
             chunked=jc.chunked,
             cors_origins=config.http.cors_origins,
             aux=self.jpip_aux if jc.tcp_listen else None,
+            visible=lambda patient, uid: self.db_pool.run(patients.instance_allowed, patient, uid),
+            audit=self.audit,
         )
-        root.putChild(b"jpip", jpip_resource)
+        root.putChild(b"jpip", auth.guard(jpip_resource, scopes.image_read))
         self.wado_cache = ResponseCache(config.wado.cache_bytes) if config.wado.cache_bytes else None
         wado = WadoRetriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
-                             cache=self.wado_cache, decode_threads=config.wado.decode_threads)
-        root.putChild(b"wado", WadoResource(wado, self.wado_queue, cors_origins=config.http.cors_origins))
+                             cache=self.wado_cache, decode_threads=config.wado.decode_threads, patients=patients)
+        root.putChild(b"wado", auth.guard(WadoResource(wado, self.wado_queue, cors_origins=config.http.cors_origins,
+                                                       audit=self.audit),
+                                          scopes.image_read))
         self.xds_root = Resource()
         root.putChild(b"xds", self.xds_root)
         # The embedded XDS.b repository and registry; its uniqueId is the manifests' Retrieve Location UID.
         self.xds_store = XdsStore(data_dir / "xds.sqlite3")
-        location = LocationUid(self.catalog, mc.retrieve_location_uid)
         xds_endpoint = XdsEndpoint(
             self.xds_store,
             LocationUid(self.catalog, config.xds.repository_unique_id) if config.xds.repository_unique_id else location,
@@ -247,24 +265,30 @@ class ImageShareService(MultiService):
             max_body=config.xds.max_body,
         )
         for name, handler in ((b"repository", xds_endpoint.repository), (b"registry", xds_endpoint.registry)):
-            self.xds_root.putChild(name, SoapResource(handler, self.db_pool, max_body=config.xds.max_body))
+            self.xds_root.putChild(name, auth.guard(SoapResource(handler, self.db_pool, max_body=config.xds.max_body,
+                                                                 audit=self.audit),
+                                                    soap_scope(scopes), patients=False))
         # RAD-69 reads and converts instances as WADO does: on the WADO pool.
         rad69_retriever = Rad69Retriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
-                                         repository_uid=location)
+                                         repository_uid=location, patients=patients)
         # A RAD-69 request names documents only: it keeps its own smaller limit inside [xds] max_body.
         rad69_handler = Rad69Handler(rad69_retriever, max_body=min(config.xds.max_body, RAD69_MAX_BODY))
-        self.xds_root.putChild(b"imaging-source", Rad69Resource(rad69_handler, self.wado_queue))
-        root.putChild(
-            b"status",
+        self.xds_root.putChild(b"imaging-source", auth.guard(Rad69Resource(rad69_handler, self.wado_queue,
+                                                                           audit=self.audit),
+                                                             scopes.image_read))
+        root.putChild(b"status", auth.guard(
             StatusResource(
                 self.catalog,
                 self.db_pool,
                 started=self.started_at,
                 now=reactor.seconds,
                 extra=lambda: {"transcode_queue": self.transcoder.queued, "manifests": self.manifests.count,
-                               **self._xds_counts()},
+                               "audit_pending": self.audit.pending, **self._xds_counts()},
             ),
-        )
+            scopes.admin,
+        ))
+        for name, resource in auth.open_resources().items():  # /health, RFC 9728 metadata
+            root.putChild(name, resource)
         self.root = root
         hc = config.http
         limits = HttpLimits(
@@ -292,9 +316,13 @@ class ImageShareService(MultiService):
                 label="JPIP aux",
                 on_listening=self._aux_listening,
             )
+        # Calling-AE lists and certificate pins; its on_refused list is where the audit
+        # trail hooks in (a callback per refused association or operation).
+        self.dicom_access = AccessPolicy(config.dicom, config.dicom_peers)
+        self.dicom_access.on_refused.append(self.audit.dicom_refused)  # ATNA 110113 / 110126
         self.dicom = DicomListenerService(
             config.dicom,
-            StoreHandler(self.ingestor, self.bridge, self._stored),
+            StoreHandler(self.ingestor, self.bridge, self._stored, access=self.dicom_access, audit=self.audit),
             reactor,
             config_dir=config_dir,
             query_retrieve=QueryRetrieveSCP(
@@ -304,13 +332,16 @@ class ImageShareService(MultiService):
                 public_url=config.http.public_url,
                 destinations=config.dicom_destinations,
                 tls_context=functools.partial(client_tls_context, config.dicom.listen, config_dir),
+                access=self.dicom_access,
+                audit=self.audit,
             ),
+            access=self.dicom_access,
         )
         # Listeners start first: they are what can fail at start (a port in use), and then
         # no pool thread or worker process has started that would keep the process alive.
         # Nothing is served before the reactor runs, by when everything has started.
         listeners = [self.http] + ([self.jpip_tcp] if self.jpip_tcp is not None else []) + [self.dicom]
-        for child in (*listeners, self.db_pool, self.wado_pool, self.transcode_pool, self.transcoder,
+        for child in (*listeners, self.audit, *auth.services, self.db_pool, self.wado_pool, self.transcode_pool, self.transcoder,
                       self.jpip_sweeper, self.manifests, *([self.xds] if self.xds is not None else [])):
             child.setServiceParent(self)
 
@@ -377,7 +408,7 @@ class ImageShareService(MultiService):
         self.jpip.aux_port = None
         self.jpip_aux.close_all()
         children = (self.dicom, self.http, self.jpip_tcp, self.jpip_sweeper, self.manifests, self.xds,
-                    self.transcoder, self.transcode_pool, self.wado_pool, self.db_pool)
+                    self.transcoder, self.transcode_pool, self.wado_pool, self.db_pool, self.audit)
         for child in children:
             if child is not None and child.running:
                 try:
@@ -388,6 +419,7 @@ class ImageShareService(MultiService):
         self.xds_outbox.close()
         self.xds_store.close()
         self.catalog.close()
+        self.audit.close()
         self.log.info("ImageShare stopped")
 
 

@@ -250,3 +250,78 @@ def test_max_request_line(tmp_path: Path) -> None:
     assert load(None).http.max_request_line == 16384
     f.write_text("[http]\nmax_request_line = 8192\n")
     assert load(f).http.max_request_line == 8192
+
+
+def test_calling_aets_per_operation(tmp_path: Path) -> None:
+    """store/query/retrieve_calling_aets default to allowed_calling_aets; each replaces it
+    for its operation; replace defaults to same_source."""
+    f = tmp_path / "a.ini"
+    f.write_text("[dicom]\nallowed_calling_aets = A, B\nstore_calling_aets = MODALITY\nreplace = never\n")
+    d = load(f).dicom
+    assert d.calling_aets("store") == ("MODALITY",)
+    assert d.calling_aets("query") == d.calling_aets("retrieve") == ("A", "B")
+    assert d.replace == "never"
+    assert load(None).dicom.replace == "same_source"
+    assert load(None).dicom.calling_aets("store") == ()
+
+
+def test_dicom_peer_pins(tmp_path: Path) -> None:
+    """[dicom_peers] pins: sha256: with hex (colons allowed) or base64, several per peer; a
+    pin needs a listener that requires client certificates, and a pinned destination :tls."""
+    import base64
+
+    digest = bytes(range(32))
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    listen = "ssl:0:interface=127.0.0.1:privateKey=k.pem:caCerts=ca.pem"
+    f = tmp_path / "p.ini"
+    f.write_text(f"[dicom]\nlisten = {listen}\n[dicom_peers]\n"
+                 f"PACS = sha256:{digest.hex()}\n"
+                 f"VIEWER = sha256:{':'.join(f'{b:02X}' for b in digest)}, "
+                 f"sha256:{base64.b64encode(digest[::-1]).decode()}\n")
+    peers = {p.ae_title: p.pins for p in load(f).dicom_peers}
+    assert peers == {"PACS": (digest,), "VIEWER": (digest, digest[::-1])}
+    for body, section in [
+        (f"[dicom]\nlisten = {listen}\n[dicom_peers]\nPACS = md5:{digest.hex()}\n", "dicom_peers"),
+        (f"[dicom]\nlisten = {listen}\n[dicom_peers]\nPACS = sha256:abcd\n", "dicom_peers"),
+        (f"[dicom_peers]\nPACS = sha256:{digest.hex()}\n", "dicom_peers"),  # plain TCP listener
+        (f"[dicom]\nlisten = {listen}\n[dicom_peers]\nPACS = sha256:{digest.hex()}\n"
+         "[dicom_destinations]\nPACS = 10.0.0.5:104\n", "dicom_destinations"),
+    ]:
+        f.write_text(body)
+        with pytest.raises(ConfigError) as info:
+            load(f)
+        assert info.value.section == section, body
+
+
+@pytest.mark.parametrize(
+    "body,refused",
+    [
+        ("[http]\nlisten = tcp:8080:interface=0.0.0.0\n", "[http] listen"),
+        ("[http]\nlisten = tcp:8080\n", "[http] listen"),  # every address
+        ("[jpip]\ntcp_listen = tcp:8081:interface=10.1.2.3\n", "[jpip] tcp_listen"),
+        ("[dicom]\nlisten = tcp:104:interface=0.0.0.0\n", "[dicom] listen"),
+        ("[dicom]\nlisten = tcp:104:interface=0.0.0.0\nstore_calling_aets = CT\nquery_calling_aets = WS\n",
+         "[dicom] listen"),  # retrieve is open to any AE
+        ("[dicom]\nlisten = tcp:104:interface=0.0.0.0\nallowed_calling_aets = CT WS\n", None),
+        ("[dicom]\nlisten = tcp:104:interface=127.0.0.2\n", None),
+        ("[http]\nlisten = tcp6:8080:interface=\\:\\:1\n", None),
+        ("[http]\nlisten = tcp:8080:interface=0.0.0.0\n[auth]\ninsecure_remote = yes\n", None),
+        ("[dicom]\nlisten = tcp:104:interface=0.0.0.0\n[auth]\ninsecure_remote = yes\n", None),
+    ],
+)
+def test_unprotected_remote_listeners_are_refused(tmp_path: Path, body: str, refused: str | None) -> None:
+    """A listener beyond loopback needs protection (HTTP/JPIP aux: [auth] mode = bearer or
+    client certificates; DICOM: calling-AE lists for every operation or client
+    certificates) unless [auth] insecure_remote = yes; the error says why in one line."""
+    from imageshare.exposure import unsafe_exposure
+
+    f = tmp_path / "e.ini"
+    f.write_text(body)
+    if refused is None:
+        assert unsafe_exposure(load(f)) is None
+        return
+    with pytest.raises(ConfigError) as info:
+        load(f)
+    message = str(info.value)
+    assert message.startswith(refused) and "insecure_remote = yes" in message and "\n" not in message

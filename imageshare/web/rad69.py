@@ -16,6 +16,7 @@ against the XDS-I.b schema (:mod:`imageshare.xds.schemas`): Failure with ``XDSIR
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +26,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from imageshare.audit.identity import served_record
+from imageshare.audit.trail import NO_AUDIT, AuditTrail
+from imageshare.auth.guard import principal_of
 from imageshare.dicom import derived
 from imageshare.fairqueue import FairQueue, QueueFull
 from imageshare.interfaces import ICatalog
@@ -57,6 +61,8 @@ class Answer:
     status: int
     content_type: str
     body: bytes
+    #: The instances returned, for the audit trail (``ServedRecord`` values).
+    records: tuple[Any, ...] = attrs.field(default=(), eq=False, repr=False)
 
 
 def _fault_answer(fault: soap.SoapFault, *, status: int | None = None, relates_to: str | None = None) -> Answer:
@@ -84,18 +90,21 @@ class Rad69Retriever:
     """
 
     def __init__(self, catalog: ICatalog, archive: Archive, data_dir: Path, *, public_url: str,
-                 repository_uid: Callable[[], str]) -> None:
+                 repository_uid: Callable[[], str], patients: Any = None) -> None:
         self._catalog = catalog
+        # An imageshare.auth.patients.PatientAccess: tokens naming a patient see only theirs.
+        self._patients = patients
         self._archive = archive
         self._data_dir = data_dir
         self._public_url = public_url
         self._repository_uid = repository_uid
 
-    def __call__(self, request: rad69.RetrieveRequest) -> list[rad69.Outcome]:
+    def __call__(self, request: rad69.RetrieveRequest, patient: str | None = None) -> list[rad69.Outcome]:
         ours = self._repository_uid()
-        return [self._one(document, request.transfer_syntaxes, ours) for document in request.documents]
+        return [self._one(document, request.transfer_syntaxes, ours, patient) for document in request.documents]
 
-    def _one(self, document: rad69.DocumentRequest, syntaxes: tuple[str, ...], ours: str) -> rad69.Outcome:
+    def _one(self, document: rad69.DocumentRequest, syntaxes: tuple[str, ...], ours: str,
+             patient: str | None = None) -> rad69.Outcome:
         if document.repository_unique_id != ours:
             return rad69.Refused(document, XDS_UNKNOWN_REPOSITORY_ID,
                                  f"repository {document.repository_unique_id} is not this Imaging Document Source")
@@ -104,6 +113,11 @@ class Rad69Retriever:
             if row is None or (row.study_instance_uid, row.series_instance_uid) != (
                 document.study_instance_uid, document.series_instance_uid
             ):
+                return rad69.Refused(document, XDS_DOCUMENT_UNIQUE_ID_ERROR,
+                                     "no such instance in the requested study and series")
+            if patient is not None and (self._patients is None
+                                        or not self._patients.study_allowed(patient, row.study_instance_uid)):
+                # Another patient's instance answers exactly as a missing one.
                 return rad69.Refused(document, XDS_DOCUMENT_UNIQUE_ID_ERROR,
                                      "no such instance in the requested study and series")
             try:
@@ -120,7 +134,7 @@ class Rad69Retriever:
                                      f"DICOM transfer syntax not supported: none of the requested transfer "
                                      f"syntaxes can be produced for this instance (offered: {offered})")
             syntax, data = produced
-            return rad69.Retrieved(document, syntax, data)
+            return rad69.Retrieved(document, syntax, data, served_record(self._catalog, row))
         return rad69.Refused(document, XDS_REPOSITORY_ERROR, "the instance changed while it was read; try again")
 
     def _produce(self, row: InstanceRow, syntaxes: tuple[str, ...]) -> tuple[str, bytes] | None:
@@ -176,7 +190,7 @@ class Rad69Handler:
         self.max_body = max_body
         self._max_documents = max_documents
 
-    def __call__(self, content_type: str | None, body: bytes) -> Answer:
+    def __call__(self, content_type: str | None, body: bytes, patient: str | None = None) -> Answer:
         try:
             envelope = self._envelope(content_type, body)
         except soap.SoapFault as fault:
@@ -193,6 +207,7 @@ class Rad69Handler:
         if envelope.body.tag != rad69.REQUEST_TAG:
             fault = soap.SoapFault("Sender", "the SOAP Body does not hold a RetrieveImagingDocumentSetRequest")
             return _fault_answer(fault, relates_to=envelope.message_id)
+        outcomes: list[rad69.Outcome] = []
         try:
             invalid = schemas.validate_payload(envelope.body)
             if invalid:
@@ -202,13 +217,14 @@ class Rad69Handler:
             refusals.info(("error",), "RAD-69 request error: {reason}", reason=str(e))
             payload, attachments = rad69.build_response([], request_error=str(e))
         else:
-            outcomes = self._retriever(request)
+            outcomes = self._retriever(request) if patient is None else self._retriever(request, patient=patient)
             payload, attachments = rad69.build_response(outcomes)
             log.info("RAD-69: {found} of {requested} document(s) returned",
                      found=len(attachments), requested=len(outcomes))
         xml = soap.build_response(soap.RAD69_RESPONSE, envelope.message_id, payload)
         media, packaged = mtom.build(xml, attachments)
-        return Answer(200, media, packaged)
+        served = tuple(o.record for o in outcomes if isinstance(o, rad69.Retrieved) and o.record is not None)
+        return Answer(200, media, packaged, served)
 
     def _envelope(self, content_type: str | None, body: bytes) -> soap.Envelope:
         """The checked envelope of the request, or the SoapFault to answer."""
@@ -245,12 +261,17 @@ class Rad69Resource(Resource):
         and a client with too many requests waiting gets 503 at once.
     client_key
         Names the client of a request (the peer address).
+    audit
+        Where each answer that returned instances is recorded (110104 R, EventTypeCode
+        RAD-69): one message per request, its instances by study, with their patient.
     """
 
     isLeaf = True
 
-    def __init__(self, handler: Any, queue: FairQueue, *, client_key: ClientKey = peer_address) -> None:
+    def __init__(self, handler: Any, queue: FairQueue, *, client_key: ClientKey = peer_address,
+                 audit: AuditTrail = NO_AUDIT) -> None:
         super().__init__()
+        self._audit = audit
         self._handler = handler
         self._queue = queue
         self._client_key = client_key
@@ -274,8 +295,12 @@ class Rad69Resource(Resource):
             return self._send(request, _fault_answer(fault, status=413))
         header = request.getHeader(b"content-type")
         content_type = header.decode("latin-1") if header is not None else None
+        principal = principal_of(request)
+        handler = self._handler
+        if principal is not None and principal.patient is not None:
+            handler = functools.partial(handler, patient=principal.patient)
         try:
-            d = self._queue.submit(self._client_key(request), self._handler, content_type, body)
+            d = self._queue.submit(self._client_key(request), handler, content_type, body)
         except QueueFull as e:
             client = self._client_key(request)
             refusals.info((client, 503), "RAD-69 request from {client} refused: {reason}",
@@ -296,6 +321,8 @@ class Rad69Resource(Resource):
                 result = _fault_answer(soap.SoapFault("Receiver", "internal error"))
             request.write(self._send(request, result))
             request.finish()
+            if result.records:
+                self._audit.instances_served("RAD-69", peer_address(request), result.records, principal)
 
         d.addBoth(done)
         return NOT_DONE_YET

@@ -21,6 +21,7 @@ mapping from the original UIDs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import threading
@@ -36,6 +37,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from imageshare.audit.identity import served_record
+from imageshare.audit.trail import NO_AUDIT, AuditTrail
+from imageshare.auth.guard import principal_of
 from imageshare.dicom import derived
 from imageshare.fairqueue import FairQueue, QueueFull
 from imageshare.interfaces import ICatalog
@@ -82,6 +86,8 @@ class Answer:
     body: bytes = b""
     content_type: str = ""
     etag: str | None = None
+    #: The instance sent, for the audit trail (:class:`~imageshare.audit.identity.ServedRecord`); 200 only.
+    record: Any = attrs.field(default=None, eq=False, repr=False)
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:
@@ -116,9 +122,11 @@ class WadoRetriever:
 
     def __init__(
         self, catalog: ICatalog, archive: Archive, data_dir: Path, *, public_url: str,
-        cache: ResponseCache | None = None, decode_threads: int = 1,
+        cache: ResponseCache | None = None, decode_threads: int = 1, patients: Any = None,
     ) -> None:
         self._catalog = catalog
+        # An imageshare.auth.patients.PatientAccess: tokens naming a patient see only theirs.
+        self._patients = patients
         self._archive = archive
         self._data_dir = data_dir
         self._public_url = public_url
@@ -133,9 +141,9 @@ class WadoRetriever:
                 self._salt = bytes.fromhex(self._catalog.ensure_setting(SALT_SETTING, secrets.token_hex(32)))
             return self._salt
 
-    def __call__(self, query: WadoQuery, if_none_match: str | None = None) -> Answer:
+    def __call__(self, query: WadoQuery, if_none_match: str | None = None, patient: str | None = None) -> Answer:
         for _ in range(_ATTEMPTS):
-            row = self._find(query)
+            row = self._find(query, patient)
             try:
                 delivery = negotiate(
                     query,
@@ -148,19 +156,23 @@ class WadoRetriever:
                     return Answer(304, etag=etag)
                 cached = self._cache.get(etag) if self._cache is not None else None
                 if cached is not None:
-                    return Answer(200, cached[1], cached[0], etag)
+                    return Answer(200, cached[1], cached[0], etag, served_record(self._catalog, row))
                 body = self._rendered(row, delivery) if delivery.rendered else self._dicom(row, delivery)
             except FileNotFoundError:
                 continue  # re-received or transcoded meanwhile: the files read are replaced
             if self._catalog.get_instance(row.sop_instance_uid) == row:
                 if self._cache is not None:
                     self._cache.put(etag, delivery.content_type, body)
-                return Answer(200, body, delivery.content_type, etag)
+                return Answer(200, body, delivery.content_type, etag, served_record(self._catalog, row))
         raise WadoError(503, "the object changed or its files are unavailable; try again")
 
-    def _find(self, query: WadoQuery) -> InstanceRow:
+    def _find(self, query: WadoQuery, patient: str | None = None) -> InstanceRow:
         row = self._catalog.get_instance(query.object_uid)
         if row is None or (row.study_instance_uid, row.series_instance_uid) != (query.study_uid, query.series_uid):
+            raise WadoError(404, "no such object in this study and series")
+        if patient is not None and (self._patients is None
+                                    or not self._patients.study_allowed(patient, row.study_instance_uid)):
+            # Another patient's object answers exactly as a missing one.
             raise WadoError(404, "no such object in this study and series")
         return row
 
@@ -299,13 +311,17 @@ class WadoResource(Resource):
     cors_origins : tuple of str
         Origins allowed to read the responses from a browser (``*`` for any):
         ``[http] cors_origins``, see :mod:`imageshare.web.cors`.
+    audit : AuditTrail
+        Where each object sent by a GET is recorded (110104 R, RAD-55; not 304s or HEAD):
+        the row the retriever found, with its patient read on the same worker.
     """
 
     isLeaf = True
 
     def __init__(self, retriever: Any, queue: FairQueue, *, client_key: ClientKey = peer_address,
-                 cors_origins: tuple[str, ...] = ()) -> None:
+                 cors_origins: tuple[str, ...] = (), audit: AuditTrail = NO_AUDIT) -> None:
         super().__init__()
+        self._audit = audit  # ATNA: 110104 R (RAD-55) for each object sent
         self._retriever = retriever
         self._queue = queue
         self._client_key = client_key
@@ -329,8 +345,12 @@ class WadoResource(Resource):
         # Everything else (catalog, files, decoding) blocks: on the pool, in the client's turn.
         header = request.getHeader(b"if-none-match")
         if_none_match = header.decode("latin-1") if header else None
+        principal = principal_of(request)
+        retriever = self._retriever
+        if principal is not None and principal.patient is not None:
+            retriever = functools.partial(retriever, patient=principal.patient)
         try:
-            d = self._queue.submit(self._client_key(request), self._retriever, query, if_none_match)
+            d = self._queue.submit(self._client_key(request), retriever, query, if_none_match)
         except QueueFull as e:
             request.setHeader(b"retry-after", str(e.retry_after).encode("ascii"))
             return self._refuse(request, WadoError(503, e.reason))
@@ -344,6 +364,8 @@ class WadoResource(Resource):
                 return  # the client went away: its job was dropped, or its answer is not wanted
             if isinstance(result, Answer):
                 self._write(request, result)
+                if result.record is not None and request.method == b"GET":  # an object was sent
+                    self._audit.instances_served("WADO", peer_address(request), [result.record], principal)
             else:
                 if result.check(WadoError):
                     error = result.value

@@ -29,7 +29,11 @@ from lxml import etree
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from imageshare.audit.messages import MINOR_FAILURE, SUCCESS
+from imageshare.audit.trail import NO_AUDIT, AuditTrail
+from imageshare.auth.guard import principal_of
 from imageshare.logsafe import Logger
+from imageshare.web.clients import peer_address
 from imageshare.xds import metadata as md
 from imageshare.xds import mtom, registry, safexml, schemas, soap
 from imageshare.xds.responses import RegistryError, Severity, Status, registry_response
@@ -55,6 +59,10 @@ class Answer:
     status: int
     content_type: str
     body: bytes
+    #: ITI-43: the (document uniqueId, repository uniqueId) pairs returned, for the audit trail.
+    documents: tuple[tuple[str, str], ...] = attrs.field(default=(), eq=False, repr=False)
+    #: Its audit outcome: 0, or 4 when some requested documents were not returned.
+    outcome: int = attrs.field(default=SUCCESS, eq=False, repr=False)
 
 
 def domain_authorities(xds_config: Any, location_uid: Callable[[], str]) -> Callable[[], frozenset[str]]:
@@ -243,7 +251,8 @@ class XdsEndpoint:
         self.log.info("ITI-43: {returned} of {requested} document(s) returned", returned=len(found), requested=len(requests))
         envelope_bytes = soap.build_response(soap.ITI43_RESPONSE, envelope.message_id, response)
         content_type, packaged = mtom.build(envelope_bytes, parts)
-        return Answer(200, content_type, packaged)
+        served = tuple((_text(request, "DocumentUniqueId"), uid) for request, _, _ in found)
+        return Answer(200, content_type, packaged, served, MINOR_FAILURE if errors else SUCCESS)
 
     # ------------------------------------------------------------------ registry
 
@@ -316,13 +325,17 @@ class SoapResource(Resource):
         Where ``handler`` runs.
     max_body
         Larger bodies get HTTP 413.
+    audit
+        Where an ITI-43 answer that returned documents is recorded (110106 R, ITI-43).
     """
 
     isLeaf = True
     log = Logger(namespace="imageshare.xds")
 
-    def __init__(self, handler: Callable[[str, bytes], Answer], pool: WorkerPoolService, *, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(self, handler: Callable[[str, bytes], Answer], pool: WorkerPoolService, *, max_body: int = DEFAULT_MAX_BODY,
+                 audit: AuditTrail = NO_AUDIT) -> None:
         super().__init__()
+        self._audit = audit
         self._handler = handler
         self._pool = pool
         self._max_body = max_body
@@ -345,6 +358,9 @@ class SoapResource(Resource):
             request.setHeader(b"content-type", answer.content_type.encode("latin-1"))
             request.write(answer.body)
             request.finish()
+            if answer.documents:  # ITI-43 returned documents
+                self._audit.documents_served(peer_address(request), answer.documents, principal_of(request),
+                                             outcome=answer.outcome)
 
         def fail(failure: Any) -> None:
             self.log.failure("XDS request failed", failure)

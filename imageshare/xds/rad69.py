@@ -115,6 +115,8 @@ class Retrieved:
     request: DocumentRequest
     transfer_syntax: str
     data: bytes
+    #: What the audit trail records of it (the producer's catalog row and patient), if given.
+    record: object = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen

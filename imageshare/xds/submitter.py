@@ -31,7 +31,11 @@ from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
 from twisted.web.client import ResponseFailed
 
+from imageshare.audit.identity import patient_of_study
+from imageshare.audit.messages import SERIOUS_FAILURE
+from imageshare.audit.trail import NO_AUDIT, AuditTrail
 from imageshare.config import XdsConfig
+from imageshare.endpoints import client_tls_material
 from imageshare.logsafe import Logger
 from imageshare.xds import mtom, safexml, soap
 from imageshare.xds.affinity import DICOM_MIME_TYPE, AffinityDomainError, PatientIdError
@@ -187,12 +191,17 @@ class SubmitterService(Service):
         The catalog (``current_manifests()``, blocking): at start, every manifest in force
         that the outbox does not know yet is queued (a crash between a manifest becoming
         current and its ``enqueue``, or manifests built while ``[xds]`` was off).
+    audit
+        Records each submission (110106 R, RAD-68: the manifests are imaging document
+        sets) when it is registered, and with a failure outcome when it finally fails
+        (refused, or out of attempts); not per retried attempt.
     """
 
     log = Logger(namespace="imageshare.xds")
 
     def __init__(self, outbox: Outbox, builder: RequestBuilder, pool: Any, http: Any, clock: Any,
-                 config: XdsConfig, *, catalog: Any = None) -> None:
+                 config: XdsConfig, *, catalog: Any = None, audit: AuditTrail = NO_AUDIT) -> None:
+        self._audit = audit
         #: Where requests are POSTed: the configured URL, or for the embedded repository the
         #: server's own listening address (set by the service once HTTP listens), since the
         #: public URL may name a proxy or a port this process does not listen on.
@@ -384,11 +393,13 @@ class SubmitterService(Service):
         c = self._config
         if answer.outcome is Outcome.SUCCESS:
             await self._pool.run(lambda: self._outbox.registered(row.id, now=now))
+            await self._audited(row)
             self.log.info("manifest {manifest_uid} registered ({reason}, entry {entry_uuid}{replacing})",
                           manifest_uid=row.manifest_uid, reason=answer.reason, entry_uuid=row.entry_uuid,
                           replacing=", RPLC" if (row.replaces or row.replaces_uid) else "")
         elif answer.outcome is Outcome.PERMANENT:
             await self._pool.run(lambda: self._outbox.fail(row.id, answer.reason, now=now, count=count))
+            await self._audited(row, SERIOUS_FAILURE, answer.reason)
             self.log.error("manifest {manifest_uid} not registered: {reason}", manifest_uid=row.manifest_uid,
                            reason=answer.reason)
         else:
@@ -396,12 +407,23 @@ class SubmitterService(Service):
                 row.id, answer.reason, now=now, initial=c.retry_initial, maximum=c.retry_max,
                 max_attempts=c.max_attempts))
             if state is State.FAILED:
+                await self._audited(row, SERIOUS_FAILURE, answer.reason)
                 self.log.error("manifest {manifest_uid} not registered after {attempts} attempts: {reason}",
                                manifest_uid=row.manifest_uid, attempts=c.max_attempts, reason=answer.reason)
             else:
                 self.log.warn("manifest {manifest_uid}: {reason}; will retry", manifest_uid=row.manifest_uid,
                               reason=answer.reason)
         await self._refresh()
+
+    async def _audited(self, row: Submission, outcome: int = 0, reason: str = "") -> None:
+        """The ATNA record of a settled submission; its patient is read on the pool. Never raises."""
+        try:
+            patient = (await self._pool.run(patient_of_study, self._catalog, row.study_uid)
+                       if self._catalog is not None else None)
+        except Exception:
+            patient = None  # the pool is stopping: recorded without the patient
+        self._audit.submission_sent(self._config.repository_url, patient, row.submission_uuid, rad68=True,
+                                    outcome=outcome, description=reason)
 
 
 def make_http_client(reactor: Any, config: XdsConfig) -> Any:
@@ -415,13 +437,7 @@ def make_http_client(reactor: Any, config: XdsConfig) -> Any:
     from twisted.web.iweb import IPolicyForHTTPS
     from zope.interface import implementer
 
-    trust = ssl.Certificate.loadPEM(config.ca_file.read_bytes()) if config.ca_file else ssl.platformTrust()
-    client_cert = None
-    if config.client_cert is not None:
-        pem = config.client_cert.read_bytes()
-        if config.client_key is not None:
-            pem = pem + b"\n" + config.client_key.read_bytes()
-        client_cert = ssl.PrivateCertificate.loadPEM(pem)
+    trust, client_cert = client_tls_material(config.ca_file, config.client_cert, config.client_key)
 
     @implementer(IPolicyForHTTPS)
     class _Policy:

@@ -14,7 +14,9 @@ from typing import Any, Callable
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
+from imageshare.audit.trail import NO_AUDIT, AuditTrail
 from imageshare.logsafe import Logger
+from imageshare.protocols.dicom.access import NOT_AUTHORIZED, STORE, AccessPolicy, certificate_source
 from imageshare.protocols.dicom.bridge import ReactorBridge
 from imageshare.store.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, IngestError, Ingestor, Stored
 
@@ -49,16 +51,21 @@ def handle_echo(event: Any) -> int:
 class StoreHandler:
     """EVT_C_STORE: store durably, then tell the reactor."""
 
-    def __init__(self, ingestor: Ingestor, bridge: ReactorBridge, on_stored: Callable[[Stored], Any]) -> None:
+    def __init__(self, ingestor: Ingestor, bridge: ReactorBridge, on_stored: Callable[[Stored], Any],
+                 *, access: AccessPolicy | None = None, audit: AuditTrail = NO_AUDIT) -> None:
+        self.audit = audit  # the ATNA trail: 110104 for each stored instance, 110113 for refused associations
         self._ingestor = ingestor
         self._bridge = bridge
         self._on_stored = on_stored
+        self._access = access  # None: any associated AE may store
 
     def __call__(self, event: Any) -> Dataset | int:
         request = event.request
         context = event.context
         peer = _peer(event)
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
+        if self._access is not None and not self._access.permits(STORE, event):
+            return _status(NOT_AUTHORIZED, "calling AE title not allowed to store")  # logged by permits
         try:
             if self._bridge.stopped:
                 raise IngestError(OUT_OF_RESOURCES, "the server is shutting down")
@@ -74,6 +81,7 @@ class StoreHandler:
                 sop_class_uid=str(request.AffectedSOPClassUID or ""),
                 sop_instance_uid=sop_instance_uid,
                 calling_aet=peer["calling_aet"],
+                source_cert=certificate_source(event.assoc),  # "" without TLS
             )
         except IngestError as e:
             log.warn(
@@ -94,12 +102,17 @@ class StoreHandler:
             generation=stored.generation,
             **peer,
         )
+        self.audit.instance_stored(peer["calling_aet"], event.assoc.requestor.address, stored.record,
+                                   replaced=stored.generation > 1)
         self._bridge.notify(self._on_stored, stored)
         return SUCCESS
 
 
-def handle_rejected(event: Any) -> None:
+def handle_rejected(event: Any, audit: AuditTrail = NO_AUDIT) -> None:
     log.warn("association from {calling_aet} at {peer} rejected", **_peer(event))
+    requestor = event.assoc.requestor
+    audit.authorization_refused(requestor.address, f"{requestor.ae_title}@{requestor.address}", "association rejected",
+                                user=requestor.ae_title)
 
 
 def handle_aborted(event: Any) -> None:
@@ -114,7 +127,7 @@ def event_handlers(store: StoreHandler) -> list[tuple[Any, Callable[..., Any]]]:
     return [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, store),
-        (evt.EVT_REJECTED, handle_rejected),
+        (evt.EVT_REJECTED, handle_rejected, [store.audit]),
         (evt.EVT_ABORTED, handle_aborted),
         (evt.EVT_ESTABLISHED, handle_established),
     ]

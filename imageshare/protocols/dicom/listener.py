@@ -60,6 +60,7 @@ from imageshare.config import DicomConfig
 from imageshare.endpoints import parse_dicom_endpoint
 from imageshare.dicom.derived import JPIP_REFERENCED
 from imageshare.logsafe import Logger
+from imageshare.protocols.dicom.access import AccessPolicy
 from imageshare.protocols.dicom.handlers import StoreHandler, event_handlers
 from imageshare.protocols.dicom.qr import QueryRetrieveSCP, RetrieveAE
 from imageshare.protocols.dicom.server import GuardedAssociationServer
@@ -136,8 +137,12 @@ class DicomListenerService(Service):
         *,
         config_dir: Path | None = None,
         query_retrieve: QueryRetrieveSCP | None = None,
+        access: AccessPolicy | None = None,
     ) -> None:
         self.setName("dicom")
+        # Calling-AE lists and certificate pins, checked before negotiation (access.py);
+        # without it, only allowed_calling_aets, by pynetdicom.
+        self._access = access
         self._config = config
         self._store_handler = store_handler
         self._query_retrieve = query_retrieve
@@ -161,7 +166,7 @@ class DicomListenerService(Service):
         ae.network_timeout = c.network_timeout
         ae.connection_timeout = c.acse_timeout  # TCP connect to a C-MOVE destination
         ae.require_called_aet = True
-        if c.allowed_calling_aets:
+        if c.allowed_calling_aets and self._access is None:
             ae.require_calling_aet = list(c.allowed_calling_aets)
         syntaxes = accepted_transfer_syntaxes()
         # With Q/R: roles as the requestor proposes them, SCP for C-GET (offer_retrieve_syntaxes
@@ -184,6 +189,8 @@ class DicomListenerService(Service):
 
     def _event_handlers(self) -> list[tuple[Any, Any]]:
         handlers = event_handlers(self._store_handler)
+        if self._access is not None:
+            handlers.insert(0, (evt.EVT_REQUESTED, self._access.on_requested))
         if self._query_retrieve is not None:
             handlers += self._query_retrieve.handlers() + [(evt.EVT_REQUESTED, offer_retrieve_syntaxes)]
         return handlers
@@ -201,6 +208,7 @@ class DicomListenerService(Service):
                 server_class=GuardedAssociationServer,
                 config=self._config,
                 backlog=ep.backlog,
+                audit=self._store_handler.audit,  # TLS handshakes refused: 110113/110126
             ),
         )
         self.port = server.server_address[1]

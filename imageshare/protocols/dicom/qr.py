@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from pydicom.dataset import Dataset
@@ -60,11 +61,20 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
+from imageshare.audit.trail import NO_AUDIT, AuditTrail
 from imageshare.config import DicomDestination
 from imageshare.dicom import derived
 from imageshare.endpoints import parse_dicom_endpoint
 from imageshare.interfaces import ICatalog
 from imageshare.logsafe import Logger
+from imageshare.protocols.dicom.access import (
+    NOT_AUTHORIZED,
+    QUERY,
+    RETRIEVE,
+    AccessPolicy,
+    peer_certificate,
+    spki_sha256,
+)
 from imageshare.store import query
 from imageshare.store.archive import Archive
 from imageshare.store.query import QueryError
@@ -358,7 +368,7 @@ class RetrieveAE(AE):
     """
 
     def associate(self, addr: Any, port: int, *args: Any, link: DestinationLink | None = None,
-                  **kwargs: Any) -> Any:
+                  pins: tuple[bytes, ...] = (), **kwargs: Any) -> Any:
         if link is None:
             return super().associate(addr, port, *args, **kwargs)
 
@@ -366,9 +376,40 @@ class RetrieveAE(AE):
             kw = dict(kwargs)
             if without_jpip and kw.get("contexts"):
                 kw["contexts"] = [cx for cx in kw["contexts"] if derived.JPIP_REFERENCED not in cx.transfer_syntax]
-            return AE.associate(self, addr, port, *args, **kw)
+            assoc = AE.associate(self, addr, port, *args, **kw)
+            if pins and assoc.is_established and not _pinned(assoc, pins):
+                # Nothing has been sent yet: abort, and pynetdicom answers 0xA801.
+                log.warn("C-MOVE destination {destination} at {address}:{port}: its certificate does not"
+                         " match its pin in [dicom_peers]; association aborted",
+                         destination=str(kw.get("ae_title", "")), address=str(addr), port=port)
+                assoc.abort()
+            return assoc
 
         return link.open(connect)
+
+
+def _pinned(assoc: Association, pins: tuple[bytes, ...]) -> bool:
+    """Whether the peer of ``assoc`` presented a certificate whose SPKI SHA-256 is pinned."""
+    der = peer_certificate(assoc)
+    return der is not None and spki_sha256(der) in pins
+
+
+class _NotConnected:
+    """Stands for the destination association of a C-MOVE refused before any connection:
+    pynetdicom only asks it ``is_established`` and ``release()`` before sending our status."""
+
+    is_established = True
+
+    def release(self) -> None:
+        pass
+
+
+class RefusedLink:
+    """A link that never connects: a C-MOVE refused with a status of ours (pynetdicom
+    associates before it asks for one) costs the destination nothing."""
+
+    def open(self, connect: Callable[[bool], Association]) -> Any:
+        return _NotConnected()
 
 
 def _status(code: int, comment: str | None = None) -> Dataset:
@@ -401,6 +442,23 @@ def _identifier(event: Any) -> Dataset:
         raise QueryError(query.UNABLE_TO_PROCESS, f"cannot decode the identifier: {type(e).__name__}") from None
 
 
+def _query_of(event: Any) -> tuple[str, bytes]:
+    # The C-FIND identifier exactly as received, for the audit trail (PS3.15 A.5.3.10).
+    identifier = event.request.Identifier
+    return str(event.request.AffectedSOPClassUID or ""), identifier.getvalue() if identifier is not None else b""
+
+
+def _audit_records(event: Any, matches: Iterable[query.Match]) -> list[Any]:
+    # Study and patient as the request named them; the SOP classes from what matched.
+    try:
+        identifier = event.identifier
+        base = {"study_instance_uid": str(identifier.get("StudyInstanceUID", "") or ""),
+                "patient_id": str(identifier.get("PatientID", "") or "")}
+    except Exception:
+        base = {"study_instance_uid": "", "patient_id": ""}
+    return [SimpleNamespace(sop_class_uid=m.sop_class_uid, **base) for m in matches]
+
+
 def _peer(event: Any) -> dict[str, Any]:
     requestor = event.assoc.requestor
     return {"calling_aet": requestor.ae_title, "peer": f"{requestor.address}:{requestor.port}"}
@@ -419,7 +477,10 @@ class QueryRetrieveSCP:
         destinations: Iterable[DicomDestination] = (),
         max_find_results: int = 10_000,
         tls_context: Callable[[], ssl.SSLContext] | None = None,
+        access: AccessPolicy | None = None,
+        audit: AuditTrail = NO_AUDIT,
     ) -> None:
+        self._audit = audit  # the ATNA trail: 110112 per C-FIND, 110102 and 110104 per C-GET/C-MOVE
         self._catalog = catalog
         self._archive = archive
         self._ae_title = ae_title
@@ -427,6 +488,7 @@ class QueryRetrieveSCP:
         self._destinations = {d.ae_title: d for d in destinations}
         self._max_find_results = max_find_results
         self._tls_context = tls_context or ssl.create_default_context
+        self._access = access  # None: any associated AE may query and retrieve
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         """The (event, handler) pairs to bind on the listener's AE (a :class:`RetrieveAE`)."""
@@ -449,6 +511,9 @@ class QueryRetrieveSCP:
         peer = _peer(event)
         sent = 0
         relational = False
+        if self._access is not None and not self._access.permits(QUERY, event):
+            yield _status(NOT_AUTHORIZED, "calling AE title not allowed to query"), None
+            return
         try:
             model = self._model(event)
             relational = relational_negotiated(event)
@@ -483,6 +548,7 @@ class QueryRetrieveSCP:
             return
         log.info("C-FIND ({model} root{relational}) from {calling_aet} at {peer}: {count} match(es)",
                  model=model.lower(), relational=", relational" if relational else "", count=sent, **peer)
+        self._audit.query(peer["calling_aet"], event.assoc.requestor.address, *_query_of(event))
 
     # -- C-GET and C-MOVE --------------------------------------------------------------
 
@@ -492,6 +558,10 @@ class QueryRetrieveSCP:
 
     def get(self, event: Any) -> Iterator[Any]:
         peer = _peer(event)
+        if self._access is not None and not self._access.permits(RETRIEVE, event):
+            yield 1
+            yield _status(NOT_AUTHORIZED, "calling AE title not allowed to retrieve"), None
+            return
         try:
             matches = self._resolve(event)
         except QueryError as e:
@@ -501,6 +571,10 @@ class QueryRetrieveSCP:
             yield _status(e.status, e.comment), None
             return
         log.info("C-GET of {count} instance(s) for {calling_aet} at {peer}", count=len(matches), **peer)
+        requestor = event.assoc.requestor
+        audit_args = (requestor.ae_title, requestor.address, requestor.ae_title, requestor.address,
+                      _audit_records(event, matches))
+        self._audit.transfer_started(*audit_args)
         yield len(matches)
         accepted = storage_syntaxes(event.assoc.accepted_contexts)
         # pynetdicom sends the sub-operations itself with assoc.send_c_store and shows this
@@ -512,9 +586,15 @@ class QueryRetrieveSCP:
             yield from self._sub_operations(event, matches, lambda: accepted)
         finally:
             del assoc.send_c_store  # back to the class's method
+        self._audit.instances_sent(*audit_args)
 
     def move(self, event: Any) -> Iterator[Any]:
         peer = _peer(event)
+        if self._access is not None and not self._access.permits(RETRIEVE, event):
+            yield "0.0.0.0", 0, {"link": RefusedLink()}  # nothing is connected to
+            yield 1
+            yield _status(NOT_AUTHORIZED, "calling AE title not allowed to retrieve"), None
+            return
         destination = self._destinations.get(str(event.move_destination or "").strip())
         if destination is None:
             log.warn("refused C-MOVE from {calling_aet} at {peer}: unknown destination {destination}",
@@ -532,11 +612,17 @@ class QueryRetrieveSCP:
             return
         link = DestinationLink(StoreSender("C-MOVE", destination.ae_title, peer))
         args = self._association_args(destination, move_contexts(matches, jpip=destination.jpip))
-        yield destination.host, destination.port, {**args, "link": link}
+        pins = self._access.pins.get(destination.ae_title, ()) if self._access is not None else ()
+        yield destination.host, destination.port, {**args, "link": link, "pins": pins}
         log.info("C-MOVE of {count} instance(s) to {destination} for {calling_aet} at {peer}",
                  count=len(matches), destination=destination.ae_title, **peer)
+        requestor = event.assoc.requestor
+        audit_args = (requestor.ae_title, requestor.address, destination.ae_title, destination.host,
+                      _audit_records(event, matches))
+        self._audit.transfer_started(*audit_args)
         yield len(matches)
         yield from self._sub_operations(event, matches, link.accepted, link)
+        self._audit.instances_sent(*audit_args)
 
     def _association_args(self, destination: DicomDestination, contexts: list[PresentationContext]) -> dict[str, Any]:
         args: dict[str, Any] = {"contexts": contexts or [build_context("1.2.840.10008.1.1")]}  # Verification

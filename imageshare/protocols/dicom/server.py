@@ -34,6 +34,7 @@ from typing import Any, Callable
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from imageshare.audit.trail import NO_AUDIT, AuditTrail
 from imageshare.config import DicomConfig
 from imageshare.conncaps import ConnectionCaps
 from imageshare.logsafe import Logger
@@ -169,6 +170,12 @@ class GuardedSSLSocket(GuardedSocket, ssl.SSLSocket):  # type: ignore[misc]
     ``pending()`` of those, for data already decrypted that select() cannot see."""
 
 
+def _refused_by_tls(e: BaseException) -> bool:
+    """Whether a failed handshake is a TLS refusal (a certificate, a protocol), for the audit
+    trail; not a timeout, a reset, or a peer that closed before or during it."""
+    return isinstance(e, ssl.SSLError) and not isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+
+
 class GuardedRequestHandler(RequestHandler):
     """One connection, in its own thread: TLS, guard, association, wait, release."""
 
@@ -226,6 +233,8 @@ class GuardedRequestHandler(RequestHandler):
         except (OSError, ValueError) as e:
             failed = f"TLS handshake failed: {type(e).__name__}: {e}"
             self.server.report_refusal(address, peer, Refusal(failed, REASON_NOT_SPECIFIED))
+            if _refused_by_tls(e):
+                self.server.audit.node_authentication_failed(address, f"DICOM TLS listener, peer {peer}", failed)
             return None
         assert isinstance(tls, GuardedSSLSocket)
         return tls
@@ -258,6 +267,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         The listen queue.
     clock
         Seconds, for the log throttle.
+    audit
+        Records TLS handshakes refused by this side or the peer (110113, 110126), from the
+        connection's thread (the trail is thread-safe and does not block).
     """
 
     # Handler threads only wait for their association: they must not hold up shutdown,
@@ -277,7 +289,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         config: DicomConfig,
         backlog: int = 50,
         clock: Callable[[], float] = time.monotonic,
+        audit: AuditTrail = NO_AUDIT,
     ) -> None:
+        self.audit = audit
         self.negotiation_timeout = config.negotiation_timeout
         self.network_timeout = config.network_timeout
         self._max_pdata = max_pdata_length(config.max_pdu, config.max_object_size)

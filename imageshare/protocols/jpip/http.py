@@ -15,19 +15,21 @@ site's HTTP channel with every request as soon as its bytes are in.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IPullProducer
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from imageshare.audit.trail import NO_AUDIT, AuditTrail
+from imageshare.auth.guard import principal_of
 from imageshare.logsafe import Logger
 from imageshare.logthrottle import RefusalLog
 from imageshare.protocols.jpip.request import JpipRequestError, parse_request
-from imageshare.protocols.jpip.server import EXPOSED_HEADERS, Body, JpipError, JpipServer, Reply
+from imageshare.protocols.jpip.server import EXPOSED_HEADERS, Body, JpipError, JpipServer, Reply, target_uid
 from imageshare.web.clients import ClientKey, peer_address
 from imageshare.web.cors import Cors, add_vary
 from imageshare.web.pipeline import ScannedRequest
@@ -130,6 +132,13 @@ class JpipResource(Resource):
         The http-tcp channels, if that listener is up.
     client_key
         Names the client of a request, whose sessions count against its cap.
+    visible
+        ``(patient, sop_instance_uid) -> Deferred[bool]``: whether a token naming
+        ``patient`` may see the target (off the reactor); a target it may not see is
+        answered exactly as a missing one. ``None``: such tokens see no target.
+    audit
+        Records the JPIP data served (110104 R): once per session and its target (the
+        reply that first serves data in it), once per stateless request.
     """
 
     isLeaf = True
@@ -142,9 +151,13 @@ class JpipResource(Resource):
         cors_origins: tuple[str, ...] = (),
         aux: "AuxChannels | None" = None,
         client_key: ClientKey = peer_address,
+        visible: Callable[[str, str], Deferred[bool]] | None = None,
+        audit: AuditTrail = NO_AUDIT,
     ) -> None:
         super().__init__()
+        self._audit = audit  # ATNA 110104 R: the first data of each session (or stateless request)
         self._server = server
+        self._visible = visible
         self._chunked = chunked
         # POST bodies are forms (Content-Type is not safelisted for a script's fetch);
         # the JPIP response headers carry the session and the window actually sent.
@@ -218,8 +231,21 @@ class JpipResource(Resource):
         # Numbered by the HTTP channel when its request line came in (see observe).
         arrival = getattr(request, "arrival", None)
         # The User-Agent picks the tile-header layout (``[jpip] openjpeg_user_agents``).
-        d = ensureDeferred(self._server.respond(parsed, arrival, self._client_key(request),
-                                                _header(request, b"user-agent")))
+        principal = principal_of(request)
+        patient = principal.patient if principal is not None else None
+
+        async def answer() -> Reply:
+            if patient is not None and parsed.target is not None:
+                # A token naming a patient sees that patient's targets only; others do not exist.
+                allowed = self._visible is not None and await self._visible(patient, target_uid(parsed.target))
+                if not allowed:
+                    raise JpipError(404, "no such target, or it is not (yet) streamable")
+            # A session belongs to the principal (issuer, subject) that opened it.
+            owner = f"{principal.issuer}\x00{principal.subject}" if principal is not None else ""
+            return await self._server.respond(parsed, arrival, self._client_key(request),
+                                              _header(request, b"user-agent"), owner=owner)
+
+        d = ensureDeferred(answer())
         d.addCallbacks(
             lambda reply: self._stream(request, reply, parsed.qid, gone), lambda f: self._failed(request, f, gone)
         )
@@ -227,6 +253,8 @@ class JpipResource(Resource):
 
     def _stream(self, request: Request, reply: Reply, qid: int | None, gone: list[bool]) -> None:
         body = reply.body
+        if reply.audit is not None:  # once per session: see Reply.audit
+            self._audit.instances_served("JPIP", peer_address(request), [reply.audit], principal_of(request))
         if reply.transport == "http-tcp" and reply.cid is not None and self._aux is not None:
             # The data goes to the channel's TCP connection whether or not this request's
             # HTTP connection is still there: the client reads it from the other socket.

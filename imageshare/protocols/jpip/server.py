@@ -30,6 +30,7 @@ import attrs
 from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
 from twisted.python.failure import Failure
 
+from imageshare.audit.identity import served_record
 from imageshare.codestream.index import CodestreamIndex
 from imageshare.dicom.uids import is_valid_uid
 from imageshare.interfaces import ICatalog
@@ -48,7 +49,7 @@ from imageshare.protocols.jpip.plan import (
     plan,
 )
 from imageshare.protocols.jpip.request import JpipRequest, JpipRequestError
-from imageshare.protocols.jpip.sessions import Channel, SessionError, SessionRegistry
+from imageshare.protocols.jpip.sessions import Channel, SessionError, SessionRegistry, UnknownChannel
 from imageshare.protocols.jpip.tcpchunks import MAX_MESSAGE
 from imageshare.protocols.jpip.window import Window, precincts, resolve
 from imageshare.store.records import State
@@ -110,6 +111,8 @@ class Target:
     bins: TargetBins
     data: Any  # the codestream, memory-mapped (read-only)
     size: int
+    #: The instance and its patient for the audit trail (a ``ServedRecord``), read by the loader.
+    record: Any = attrs.field(default=None, repr=False)
     _other_bins: dict[str, TargetBins] = attrs.field(factory=dict, init=False, repr=False)
 
     def bins_for(self, layout: str) -> TargetBins:
@@ -146,7 +149,8 @@ class TargetLoader:
         # The tid names these exact bytes: a re-sent instance is a new generation with a
         # new path, so its codestream gets a new tid and clients drop their caches.
         tid = hashlib.sha256(f"{frame.codestream_path}:{frame.codestream_size}".encode()).hexdigest()[:32]
-        return Target(sop_instance_uid, stream, tid, index, TargetBins(index), data, len(data))
+        return Target(sop_instance_uid, stream, tid, index, TargetBins(index), data, len(data),
+                      served_record(self._catalog, row))
 
 
 @attrs.define(eq=False)
@@ -159,6 +163,8 @@ class SessionState:
     lock: DeferredLock = attrs.Factory(DeferredLock)
     # Fixed when the session opens: the model's bin lengths are those of this layout.
     layout: str = PART9
+    # Whether the audit trail has this session's (one) target: recorded once per session.
+    audited: bool = False
 
 
 @attrs.frozen
@@ -171,6 +177,9 @@ class Reply:
     body: "Body"
     cid: str | None = None  # the channel whose transport carries the body (None: stateless)
     transport: str = "http"
+    #: Set when this reply is the first to serve data of its session's target, or is
+    #: stateless: what the audit trail records (the target's ``record``); else ``None``.
+    audit: Any = None
 
 
 class Body:
@@ -364,10 +373,13 @@ class JpipServer:
         """Number a request as it arrives: later requests pre-empt earlier ones."""
         return next(self._arrivals)
 
-    def preempt(self, cid: str, arrival: int) -> None:
-        """Request ``arrival`` came on channel ``cid`` without ``wait=yes``: cut what came before."""
+    def preempt(self, cid: str, arrival: int, owner: str | None = None) -> None:
+        """Request ``arrival`` came on channel ``cid`` without ``wait=yes``: cut what came before.
+
+        ``owner`` given: only a request of the session's owner pre-empts.
+        """
         channel = self.sessions.find(cid)
-        if channel is None:
+        if channel is None or (owner is not None and channel.session.owner != owner):
             return
         channel.cut_before = max(channel.cut_before, arrival)
         body = channel.active
@@ -427,7 +439,8 @@ class JpipServer:
         return len(self.sessions.expire(self._now()))
 
     async def respond(
-        self, request: JpipRequest, arrival: int | None = None, client: str = "", user_agent: str | None = None
+        self, request: JpipRequest, arrival: int | None = None, client: str = "", user_agent: str | None = None,
+        owner: str = "",
     ) -> Reply:
         """
         Serve one request; ``arrival`` numbers it (:meth:`next_arrival`) for pre-emption.
@@ -435,7 +448,9 @@ class JpipServer:
         ``client`` names who asks (the peer address, or later an authenticated principal):
         a new session counts against that client's cap. ``user_agent`` (the HTTP header)
         picks the tile-header layout of a stateless request or of the session it opens;
-        requests in a session keep the session's.
+        requests in a session keep the session's. ``owner`` names the authenticated
+        principal: a session belongs to the owner that opened it, and its channels answer
+        anyone else as unknown (404).
 
         Raises
         ------
@@ -445,7 +460,7 @@ class JpipServer:
         if arrival is None:
             arrival = self.next_arrival()
         if request.cid is not None and not request.wait:
-            self.preempt(request.cid, arrival)
+            self.preempt(request.cid, arrival, owner)
         now = self._now()
         headers: list[tuple[str, str]] = []
         if request.qid is not None:
@@ -455,6 +470,9 @@ class JpipServer:
         channel: Channel | None = None
         try:
             if request.cid is not None:
+                found = self.sessions.find(request.cid)
+                if found is not None and found.session.owner != owner:
+                    raise UnknownChannel(f"unknown or expired channel {request.cid[:48]!r}")
                 channel = self.sessions.channel(request.cid, now)
                 session_state = channel.session.model
                 if request.target is not None and target_uid(request.target) != session_state.sop_instance_uid:
@@ -488,7 +506,7 @@ class JpipServer:
             try:
                 # Checked again: other requests of this client may have opened sessions
                 # while this one waited for its target.
-                channel = self.sessions.open(uid, session_state, new_transport, self._now(), client)
+                channel = self.sessions.open(uid, session_state, new_transport, self._now(), client, owner)
             except SessionError as e:
                 raise JpipError.from_session(e) from None
             headers.append(("JPIP-cnew", self._cnew(channel)))
@@ -565,7 +583,11 @@ class JpipServer:
             headers.append(("JPIP-len", "100"))  # too small to carry even one message
         body = Body(target, result, model if session_state else None, release, encoded,
                     arrival=arrival, channel=channel)
-        return Reply(200, tuple(headers), content_type, body, channel.cid if channel else None, transport)
+        # Audited once per session (a session serves one instance), and per stateless request.
+        audit = target.record if session_state is None or not session_state.audited else None
+        if session_state is not None:
+            session_state.audited = True
+        return Reply(200, tuple(headers), content_type, body, channel.cid if channel else None, transport, audit)
 
     def _resolve(self, target: Target, window: Window) -> tuple[Any, list[tuple[int, int, int, int]]]:
         """The window's geometry and precincts; viewers repeat windows, so they are memoised."""

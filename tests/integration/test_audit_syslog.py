@@ -1,0 +1,219 @@
+"""
+A real audit record repository: Debian's rsyslog with its TLS driver (rsyslog-gnutls),
+started unprivileged by the test on a loopback port, receives the audit messages of a
+scripted session; stopped mid-session and started again, nothing is missing, order is
+kept, and duplicates appear only as at-least-once delivery allows.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import pytest_twisted
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+from pydicom.dataset import Dataset
+from twisted.internet import threads
+
+from imageshare.audit.syslog import split_message
+from tests.audit.schema import assert_valid
+from tests.helpers import make_instances, scu_store
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("rsyslogd") is None, reason="rsyslog is not installed (make system-deps)"),
+]
+
+
+def _certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for localhost / 127.0.0.1."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("audit test CA")).issuer_name(name("audit test CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Rsyslog:
+    """rsyslogd -n with a config of its own: imtcp + gtls on 127.0.0.1, omfile of the raw messages."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        self.folder = folder
+        self.port = port
+        self.out = folder / "received.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        ca, cert, key = _certificates(folder)
+        work = folder / "work"
+        work.mkdir()
+        self.conf = folder / "rsyslog.conf"
+        self.conf.write_text(f"""
+global(workDirectory="{work}" maxMessageSize="64k"
+       defaultNetstreamDriverCAFile="{ca}" defaultNetstreamDriverCertFile="{cert}"
+       defaultNetstreamDriverKeyFile="{key}")
+module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="anon")
+input(type="imtcp" port="{port}" address="127.0.0.1")
+template(name="raw" type="string" string="%rawmsg%\\n")
+action(type="omfile" file="{self.out}" template="raw" flushOnTXEnd="on" asyncWriting="off")
+""")
+        self.ca = ca
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["rsyslogd", "-n", "-f", str(self.conf), "-i", str(self.folder / "rsyslog.pid")],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read().decode() if self.proc.stdout else "exited"
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("rsyslogd did not listen")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def messages(self) -> list[bytes]:
+        if not self.out.exists():
+            return []
+        return [line for line in self.out.read_bytes().split(b"\n") if line]
+
+
+def _find(port: int) -> None:
+    ae = AE(ae_title="FINDER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGESHARE")
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ""
+    identifier.PatientID = ""
+    list(assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind))
+    assoc.release()
+
+
+def _refused(port: int) -> None:
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", port, ae_title="IMAGESHARE")
+    assert assoc.is_rejected
+
+
+async def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await deferLater(reactor, 0.2, lambda: None)
+
+
+def _events(lines: list[bytes]) -> list[str]:
+    from lxml import etree
+
+    out = []
+    for line in lines:
+        root = etree.fromstring(split_message(line)[1])
+        out.append(root.find("EventIdentification/EventID").get("csd-code"))
+    return out
+
+
+@pytest_twisted.ensureDeferred
+async def test_rsyslog_receives_every_message(start_server, tmp_path: Path) -> None:
+    """Every audit message of a session reaches rsyslog over TLS, valid, in order, none
+    missing, even though rsyslog is stopped mid-session and started again."""
+    receiver = Rsyslog(tmp_path / "rsyslog", _free_port()) if (tmp_path / "rsyslog").mkdir() is None else None
+    assert receiver is not None
+    receiver.start()
+    try:
+        server = await start_server(
+            dicom={"allowed_calling_aets": "TESTSCU FINDER"},
+            audit={"syslog": f"tls:localhost:{receiver.port}", "ca_file": str(receiver.ca)},
+        )
+        audit_log = server.data_dir / "audit.log"
+        port = server.dicom_port
+        paths = make_instances(tmp_path / "in", 2, seed="audit")
+        assert await threads.deferToThread(scu_store, port, paths) == [0, 0]
+        await threads.deferToThread(_find, port)
+        await threads.deferToThread(_refused, port)
+        await _wait(lambda: server.service.audit.pending == 0 and len(receiver.messages()) >= 5, 30,
+                    "the first messages")
+
+        receiver.stop()  # the repository goes away mid-session
+        more = make_instances(tmp_path / "more", 1, seed="audit2")
+        assert await threads.deferToThread(scu_store, port, more) == [0]
+        await threads.deferToThread(_find, port)
+        await _wait(lambda: server.service.audit.pending >= 2, 10, "messages spooled during the outage")
+        receiver.start()
+        await _wait(lambda: server.service.audit.pending == 0, 60, "the spool to drain")
+
+        local = [line for line in audit_log.read_bytes().split(b"\n") if line]
+        received = receiver.messages()
+        # At least once: collapse repeats of a message already seen; what is left is the local log, in order.
+        seen: set[bytes] = set()
+        unique = []
+        for line in received:
+            if line not in seen:
+                seen.add(line)
+                unique.append(line)
+        assert unique == local
+        for line in received:
+            header, xml = split_message(line)
+            assert header[0] == "<85>1" and header[5] == "IHE+RFC-3881"
+            assert_valid(xml)
+        events = _events(local)
+        assert events[0] == "110100"  # application start
+        assert events.count("110104") == 3  # three instances stored
+        assert events.count("110112") == 2  # two queries
+        assert events.count("110113") == 1  # the refused association
+        assert b"\n" not in b"".join(local)
+    finally:
+        receiver.stop()
