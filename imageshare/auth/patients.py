@@ -64,3 +64,10 @@ class PatientAccess:
             " JOIN studies s ON s.study_instance_uid = i.study_instance_uid"
             " JOIN patients p ON p.pk = s.patient_pk WHERE i.sop_instance_uid=?", sop_instance_uid)
         return found is None or same_patient(token_patient, self._domain(), *found)
+
+    def instance_in_study(self, study_instance_uid: str, sop_instance_uid: str) -> bool:
+        """Whether the instance is in the study (a URL grant's one study); ``False`` if unknown."""
+        with self._catalog.reader() as c:
+            row = c.execute("SELECT study_instance_uid FROM instances WHERE sop_instance_uid=?",
+                            (sop_instance_uid,)).fetchone()
+        return row is not None and row[0] == study_instance_uid

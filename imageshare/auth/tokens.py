@@ -83,6 +83,8 @@ class Principal:
     #: IUA ``extensions.ihe_bppc.patient_id`` (CX ``ID^^^&OID&ISO``), if the token names one.
     patient: str | None
     expires: float
+    #: The one study a URL grant (:mod:`imageshare.auth.grants`) allows; ``None`` for a token.
+    study: str | None = None
 
     @property
     def user(self) -> str:

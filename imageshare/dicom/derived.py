@@ -97,12 +97,15 @@ class _Geometry:
     signed: bool
 
 
-def jpip_url(public_url: str, sop_instance_uid: str) -> str:
+def jpip_url(public_url: str, sop_instance_uid: str, grant: str | None = None) -> str:
     """The Pixel Data Provider URL of an instance: a JPIP target the client can extend.
 
     PS3.5 8.4.1: the client appends its own JPIP fields, so the target is in the query.
+    ``grant``: a URL grant (:mod:`imageshare.auth.grants`, URL-safe as it is) for a viewer
+    that can only open the URL.
     """
-    return f"{public_url.rstrip('/')}/jpip?target={sop_instance_uid}"
+    url = f"{public_url.rstrip('/')}/jpip?target={sop_instance_uid}"
+    return url if grant is None else f"{url}&grant={grant}"
 
 
 # --- reading ------------------------------------------------------------------------
