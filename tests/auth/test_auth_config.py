@@ -76,3 +76,44 @@ def test_internal_client_adds_the_internal_token(tmp_path: Path) -> None:
     assert auth.internal_client(Client()).post("u", data=b"", headers={b"Content-Type": [b"x"]}) == "posted"
     assert seen[b"Authorization"] == [b"Bearer " + auth.internal_token.encode()]
     assert len(auth.internal_token) >= 40
+
+
+def test_grant_lifetime(tmp_path: Path) -> None:
+    """[auth] grant_lifetime defaults to 300 s and must be a whole number from 1 to 86400."""
+    assert load(write(tmp_path, "")).auth.grant_lifetime == 300
+    assert load(write(tmp_path, "[auth]\ngrant_lifetime = 60\n")).auth.grant_lifetime == 60
+    for bad in ("0", "86401", "1.5", "soon"):
+        with pytest.raises(ConfigError, match=r"\[auth\] grant_lifetime"):
+            load(write(tmp_path, f"[auth]\ngrant_lifetime = {bad}\n"))
+
+
+INTROSPECTION = (f"[auth]\nmode = bearer\nissuer = {ISSUER}\naudience = {AUDIENCE}\n"
+                 "introspection_url = https://idp.example.org/introspect\n")
+
+
+def test_introspection_only(tmp_path: Path) -> None:
+    """mode = bearer with introspection_url and no jwks: no JWK Set service but an introspector;
+    the secret is not in the config's repr."""
+    config = load(write(tmp_path, INTROSPECTION + "introspection_client_id = imageshare\n"
+                                                  "introspection_client_secret = s3cr;et\n"))
+    ac = config.auth
+    assert ac.jwks == "" and ac.introspection_url == "https://idp.example.org/introspect"
+    assert ac.introspection_client_id == "imageshare" and ac.introspection_client_secret == "s3cr;et"
+    assert "s3cr" not in repr(ac)
+    auth = build_auth(config, Clock())
+    assert auth.enabled and auth.services == []
+    assert auth.authenticator is not None and auth.authenticator._introspector is not None
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    (f"[auth]\nmode = bearer\nissuer = {ISSUER}\naudience = {AUDIENCE}\n", r"jwks: is required .*introspection_url"),
+    (INTROSPECTION, "introspection_client_id: is required"),
+    (INTROSPECTION + "introspection_client_id = rs\n", "introspection_client_secret: is required"),
+    ("[auth]\nintrospection_url = http://idp/introspect\n", "introspection_url: expected an https URL"),
+    ("[auth]\nintrospection_client_secret = \x01\n", "introspection_client_secret: expected"),
+])
+def test_introspection_config_errors(tmp_path: Path, text: str, key: str) -> None:
+    """Missing credentials, neither jwks nor introspection_url, a non-https URL: one line naming the key."""
+    with pytest.raises(ConfigError, match=r"^\[auth\] " + key) as info:
+        load(write(tmp_path, text))
+    assert "\n" not in str(info.value) and "\x01" not in str(info.value)
