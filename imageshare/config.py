@@ -229,6 +229,11 @@ class AuthConfig:
     jwks: str = ""  # an https URL or an absolute file path (resolved)
     jwks_ca_file: Path | None = None
     jwks_timeout: float = 10.0
+    # RFC 7662 introspection of opaque tokens (IUA ITI-102): an https URL, or empty (off).
+    # TLS trust and timeout: jwks_ca_file and jwks_timeout.
+    introspection_url: str = ""
+    introspection_client_id: str = ""
+    introspection_client_secret: str = attrs.field(default="", repr=False)
     algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256")
     leeway: float = 60.0
     require_typ: str = "at+jwt"
@@ -238,6 +243,8 @@ class AuthConfig:
     scope_admin: str = "admin"
     # Listeners beyond loopback may go unprotected (checked by imageshare.exposure).
     insecure_remote: bool = False
+    # Lifetime (s) of the URL grants handed out with JPIP-referenced headers (imageshare.auth.grants).
+    grant_lifetime: int = 300
 
     @property
     def enabled(self) -> bool:
@@ -885,6 +892,19 @@ def _auth(r: _Reader) -> AuthConfig:
             raise ValueError(f"no such file: {p}")
         return str(p)
 
+    def https_url(text: str) -> str:
+        text = text.strip()
+        if text and not re.match(r"^https://[^/\s?#]+(/[^\s#]*)?$", text):
+            raise ValueError("expected an https URL, or nothing")
+        return text
+
+    def credential(text: str) -> str:
+        # The value is not quoted back: it may be a secret.
+        text = text.strip()
+        if not re.match(r"^[\x20-\x7e]{0,256}$", text):
+            raise ValueError("expected up to 256 printable ASCII characters")
+        return text
+
     config = AuthConfig(
         mode=r.get("auth", "mode", "none", _auth_mode),
         issuer=r.get("auth", "issuer", "", str.strip),
@@ -892,6 +912,9 @@ def _auth(r: _Reader) -> AuthConfig:
         jwks=r.get("auth", "jwks", "", jwks),
         jwks_ca_file=r.optional_file("auth", "jwks_ca_file"),
         jwks_timeout=r.get("auth", "jwks_timeout", "10", _seconds),
+        introspection_url=r.get("auth", "introspection_url", "", https_url),
+        introspection_client_id=r.get("auth", "introspection_client_id", "", credential),
+        introspection_client_secret=r.get("auth", "introspection_client_secret", "", credential),
         algorithms=r.get("auth", "algorithms", "RS256, PS256, ES256", _algorithms),
         leeway=r.get("auth", "leeway", "60", _leeway),
         require_typ=r.get("auth", "require_typ", "at+jwt", lambda t: t.strip()),
@@ -900,11 +923,18 @@ def _auth(r: _Reader) -> AuthConfig:
         scope_xds_write=r.get("auth", "scope_xds_write", "xds.write", _scope_name),
         scope_admin=r.get("auth", "scope_admin", "admin", _scope_name),
         insecure_remote=r.get("auth", "insecure_remote", "no", _bool),
+        grant_lifetime=r.get("auth", "grant_lifetime", "300", _int_range(1, 86400)),
     )
     if config.enabled:
-        for key in ("issuer", "audience", "jwks"):
+        for key in ("issuer", "audience"):
             if not getattr(config, key):
                 raise ConfigError("auth", key, "is required with mode = bearer")
+        if not config.jwks and not config.introspection_url:
+            raise ConfigError("auth", "jwks", "is required with mode = bearer (or introspection_url)")
+    if config.introspection_url:
+        for key in ("introspection_client_id", "introspection_client_secret"):
+            if not getattr(config, key):
+                raise ConfigError("auth", key, "is required with introspection_url")
     return config
 
 

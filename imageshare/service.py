@@ -140,15 +140,15 @@ class ImageShareService(MultiService):
         data_dir.mkdir(parents=True, exist_ok=True)
         self.catalog = SqliteCatalog(data_dir / "catalog.sqlite3")
         self.archive = Archive(data_dir / "archive")
+        # The ATNA audit trail ([audit]): local log, spool, syslog; the parts that record events get it.
+        self.audit = build_audit(config, reactor, data_dir)
         # replace: who may re-send an instance (same_source: the AE, and certificate, that stored it).
         self.ingestor = Ingestor(self.archive, self.catalog, max_object_size=config.dicom.max_object_size,
-                                 replace=config.dicom.replace)
+                                 replace=config.dicom.replace, on_identity_change=self.audit.identity_changed)
         self.bridge = ReactorBridge(reactor)
         # Seen by the worker processes: running jobs stop between frames at shutdown.
         self.stopping = SharedFlag()
         self.started_at = reactor.seconds()
-        # The ATNA audit trail ([audit]): local log, spool, syslog; the parts that record events get it.
-        self.audit = build_audit(config, reactor, data_dir)
         # Bearer tokens on every HTTP interface ([auth]); guards are no-ops with mode = none.
         self.auth = auth = build_auth(config, reactor, on_refused=audit_refusals(self.audit))
         scopes = auth.scopes
@@ -245,15 +245,19 @@ class ImageShareService(MultiService):
             cors_origins=config.http.cors_origins,
             aux=self.jpip_aux if jc.tcp_listen else None,
             visible=lambda patient, uid: self.db_pool.run(patients.instance_allowed, patient, uid),
+            in_study=lambda study, uid: self.db_pool.run(patients.instance_in_study, study, uid),
             audit=self.audit,
+            # With access control on, early pre-emption (observe) checks the token: owners only.
+            authenticate=auth.authenticator.authenticate if auth.authenticator is not None else None,
         )
-        root.putChild(b"jpip", auth.guard(jpip_resource, scopes.image_read))
+        # URL grants (handed out in JPIP-referenced headers) open /jpip and /wado for one study.
+        root.putChild(b"jpip", auth.guard(jpip_resource, scopes.image_read, grants=True))
         self.wado_cache = ResponseCache(config.wado.cache_bytes) if config.wado.cache_bytes else None
         wado = WadoRetriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
                              cache=self.wado_cache, decode_threads=config.wado.decode_threads, patients=patients)
         root.putChild(b"wado", auth.guard(WadoResource(wado, self.wado_queue, cors_origins=config.http.cors_origins,
                                                        audit=self.audit),
-                                          scopes.image_read))
+                                          scopes.image_read, grants=True))
         self.xds_root = Resource()
         root.putChild(b"xds", self.xds_root)
         # The embedded XDS.b repository and registry; its uniqueId is the manifests' Retrieve Location UID.
@@ -264,10 +268,17 @@ class ImageShareService(MultiService):
             patient_authorities=domain_authorities(config.xds, location),
             max_body=config.xds.max_body,
         )
+        xds_scope = soap_scope(scopes)
+
+        def xds_reads(request: Any) -> bool:
+            # ITI-18 and ITI-43 show a patient's token that patient's objects only (the endpoint
+            # filters); ITI-41/42 (and anything not a read) refuse such tokens with 403.
+            return xds_scope(request) == scopes.xds_read
+
         for name, handler in ((b"repository", xds_endpoint.repository), (b"registry", xds_endpoint.registry)):
             self.xds_root.putChild(name, auth.guard(SoapResource(handler, self.db_pool, max_body=config.xds.max_body,
                                                                  audit=self.audit),
-                                                    soap_scope(scopes), patients=False))
+                                                    xds_scope, patients=xds_reads))
         # RAD-69 reads and converts instances as WADO does: on the WADO pool.
         rad69_retriever = Rad69Retriever(self.catalog, self.archive, data_dir, public_url=config.http.public_url,
                                          repository_uid=location, patients=patients)

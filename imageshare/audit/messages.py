@@ -62,6 +62,7 @@ APPLICATION_ACTIVITY = _dcm("110100", "Application Activity")
 BEGIN_TRANSFERRING = _dcm("110102", "Begin Transferring DICOM Instances")
 INSTANCES_TRANSFERRED = _dcm("110104", "DICOM Instances Transferred")
 EXPORT = _dcm("110106", "Export")
+PATIENT_RECORD = _dcm("110110", "Patient Record")
 QUERY = _dcm("110112", "Query")
 SECURITY_ALERT = _dcm("110113", "Security Alert")
 USER_AUTHENTICATION = _dcm("110114", "User Authentication")
@@ -329,6 +330,16 @@ def instances_stored(source: Node, app: Node, study: Study, *, replaced: bool, w
     return AuditMessage(INSTANCES_TRANSFERRED, "U" if replaced else "C", when, _outcome(outcome),
                         (_node(source, True, ROLE_SOURCE), _application(app, False, ROLE_DESTINATION)),
                         source_id, outcome_description=description, objects=_objects([study]), site_id=site_id)
+
+
+def patient_record_changed(source: Node, app: Node, study: Study, *, changes: str, when: datetime.datetime,
+                           source_id: str, site_id: str = "") -> AuditMessage:
+    """A.5.3.9 Patient Record, Update: a stored instance or study now belongs to the patient
+    of ``study`` (identified as audit messages identify patients); ``changes`` names which
+    identifiers changed, never their old values."""
+    return AuditMessage(PATIENT_RECORD, "U", when, SUCCESS,
+                        (_node(source, True, ROLE_SOURCE), _application(app, False, ROLE_DESTINATION)),
+                        source_id, outcome_description=changes, objects=_objects([study]), site_id=site_id)
 
 
 def query(requestor: Node, app: Node, *, sop_class_uid: str, query_bytes: bytes, when: datetime.datetime,

@@ -125,6 +125,13 @@ class AuditTrail:
                                        **self._common()))
 
     @_never_raises
+    def identity_changed(self, change: Any) -> None:
+        """A store changed patient identity (``imageshare.store.ingest.IdentityChange``):
+        110110 Patient Record, U, naming the instance's patient now and what changed."""
+        self.record(m.patient_record_changed(Node(change.calling_aet, ""), self.app, study_of(change.record),
+                                             changes=", ".join(change.changes), **self._common()))
+
+    @_never_raises
     def query(self, calling_aet: str, address: str, sop_class_uid: str, identifier: bytes, *,
               transfer_syntax: str = "", outcome: int = m.SUCCESS) -> None:
         """C-FIND served (110112), the identifier as received."""

@@ -12,18 +12,22 @@ with its credentials. Preflight ``OPTIONS`` (CORS) passes unchecked. The verifie
 from __future__ import annotations
 
 import hmac
+import math
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource, getChildForRequest
 from twisted.web.server import NOT_DONE_YET, Request, UnsupportedMethod
 
+from imageshare.auth import grants
+from imageshare.auth.introspection import is_jwt
+from imageshare.auth.introspector import Introspector
 from imageshare.auth.jwks import JwksSource
 from imageshare.auth.tokens import Policy, Principal, TokenError, UnknownKey, bearer_token, challenge, verify
 from imageshare.logsafe import Logger
 
-__all__ = ["Authenticator", "Forbidden", "Guard", "RefusalHook", "attach", "principal_of"]
+__all__ = ["Authenticator", "Forbidden", "Guard", "RefusalHook", "attach", "grant_for", "principal_of"]
 
 #: ``hook(request, status, reason, principal)``, told of each refused request: 401 (no
 #: principal) or 403 (with the principal whose token lacked the scope). ``reason`` is the
@@ -31,6 +35,7 @@ __all__ = ["Authenticator", "Forbidden", "Guard", "RefusalHook", "attach", "prin
 RefusalHook = Callable[[Request, int, str, "Principal | None"], None]
 
 _ATTRIBUTE = "_imageshare_principal"
+_GRANTS = "_imageshare_grants"
 log = Logger(namespace="imageshare.auth")
 
 
@@ -41,6 +46,14 @@ def principal_of(request: Any) -> Principal | None:
 
 def attach(request: Any, principal: Principal) -> None:
     setattr(request, _ATTRIBUTE, principal)
+
+
+def grant_for(request: Any) -> Callable[[str], str | None] | None:
+    """
+    ``study_uid -> grant``: signs URLs handed to the request's principal (see
+    :mod:`imageshare.auth.grants`); ``None`` when access control is off.
+    """
+    return getattr(request, _GRANTS, None)
 
 
 class Forbidden(Exception):
@@ -59,15 +72,21 @@ class _Missing(TokenError):
 
 class Authenticator:
     """
-    Verifies tokens against the key set of ``source``; ``clock.seconds()`` is now.
+    Verifies tokens against the key set of ``source``; ``clock.seconds()`` is now. With an
+    ``introspector``, tokens that are not JWTs (all tokens, without a ``source``) are
+    introspected instead (RFC 7662).
 
     ``internal`` is a random token the server gives its own clients (the XDS submitter
     posting to the embedded repository); it stands for ``internal_principal``.
     """
 
-    def __init__(self, policy: Policy, source: JwksSource, clock: Any, *, internal: str | None = None,
-                 internal_principal: Principal | None = None) -> None:
+    def __init__(self, policy: Policy, source: JwksSource | None, clock: Any, *, internal: str | None = None,
+                 internal_principal: Principal | None = None, grant_key: bytes | None = None,
+                 grant_lifetime: int = 300, introspector: Introspector | None = None) -> None:
         self.policy = policy
+        self._introspector = introspector
+        self._grant_key = grant_key
+        self._grant_lifetime = grant_lifetime
         self._source = source
         self._clock = clock
         self._internal = internal
@@ -81,6 +100,11 @@ class Authenticator:
         if self._internal is not None and self._internal_principal is not None \
                 and hmac.compare_digest(token.encode(), self._internal.encode()):
             return self._internal_principal
+        if self._introspector is not None and (self._source is None or not is_jwt(token)):
+            # An opaque token (or no key set configured): ask the issuer (RFC 7662).
+            return await self._introspector.principal(token)
+        if self._source is None:
+            raise TokenError("the signing keys are unavailable")
         keys = await self._source.current()
         try:
             return verify(token, keys, self.policy, self._clock.seconds())
@@ -88,6 +112,31 @@ class Authenticator:
             # The issuer may have rotated its keys: fetch again (rate-limited) and retry once.
             keys = await self._source.refresh()
             return verify(token, keys, self.policy, self._clock.seconds())
+
+    def issue_grant(self, principal: Principal, study: str) -> str | None:
+        """
+        A URL grant to read ``study`` for ``principal``: it ends with the principal's own
+        expiry if that comes first, so a grant never outlives what it was made from (and a
+        grant's holder, given a new one, gets no more time). ``None`` without a key.
+        """
+        if self._grant_key is None:
+            return None
+        expires = self._clock.seconds() + self._grant_lifetime
+        if math.isfinite(principal.expires):
+            expires = min(expires, principal.expires)
+        return grants.sign(self._grant_key, grants.Grant(study, principal.issuer, principal.subject,
+                                                         int(expires)))
+
+    def grant_principal(self, text: str, scope: str) -> Principal:
+        """The principal of a URL grant: ``scope`` on its one study. Raises :class:`TokenError`."""
+        if self._grant_key is None:
+            raise TokenError("URL grants are not accepted")
+        try:
+            grant = grants.verify(self._grant_key, text, self._clock.seconds())
+        except grants.GrantError as e:
+            raise TokenError(e.description) from None
+        return Principal(issuer=grant.issuer, subject=grant.subject, jti=None, client_id=None,
+                         scopes=frozenset({scope}), patient=None, expires=float(grant.expires), study=grant.study)
 
 
 class Guard(Resource):
@@ -105,19 +154,24 @@ class Guard(Resource):
     resource_metadata
         The RFC 9728 metadata URL, named in challenges.
     patients
-        Whether the resource filters by a token's patient (``principal_of(request).patient``);
-        if not, tokens that name a patient are refused with 403 (fail closed).
+        Whether the resource filters by a token's patient (``principal_of(request).patient``),
+        or a function of the request telling it (the XDS endpoints: reads only); if not,
+        tokens that name a patient are refused with 403 (fail closed).
     on_refused
         Told of every 401 and 403 (the audit trail records them).
+    grants
+        Whether a URL grant (``grant=`` in the query) is accepted instead of the header on
+        GET and HEAD; the resource must then filter by ``principal_of(request).study``.
     """
 
     isLeaf = True
 
     def __init__(self, wrapped: IResource, scope: str | Callable[[Request], str], authenticator: Authenticator,
-                 *, resource_metadata: str | None = None, patients: bool = True,
-                 on_refused: RefusalHook | None = None) -> None:
+                 *, resource_metadata: str | None = None, patients: bool | Callable[[Request], bool] = True,
+                 on_refused: RefusalHook | None = None, grants: bool = False) -> None:
         super().__init__()
         self._on_refused = on_refused
+        self._grants = grants and isinstance(scope, str)
         self._patients = patients
         self.wrapped = wrapped
         self._scope = scope
@@ -129,15 +183,22 @@ class Guard(Resource):
             return self._render_wrapped(request)
         gone: list[Any] = []
         request.notifyFinish().addErrback(gone.append)
-        d = Deferred.fromCoroutine(self._auth.authenticate(request.getHeader(b"authorization")))
+        header = request.getHeader(b"authorization")
+        d = self._granted(request) if header is None else None
+        if d is None:
+            d = Deferred.fromCoroutine(self._auth.authenticate(header))
 
         def authorised(principal: Principal) -> None:
             scope = self._scope if isinstance(self._scope, str) else self._scope(request)
+            if principal.study is not None:
+                request.setHeader(b"cache-control", b"private")
             if scope not in principal.scopes:
                 raise Forbidden(scope, principal=principal)
-            if principal.patient is not None and not self._patients:
+            filters = self._patients if isinstance(self._patients, bool) else self._patients(request)
+            if principal.patient is not None and not filters:
                 raise Forbidden(scope, "a token restricted to one patient cannot be used here", principal)
             attach(request, principal)
+            setattr(request, _GRANTS, lambda study: self._auth.issue_grant(principal, study))
             log.debug("access by {subject} (jti {jti}) with {scope}", subject=principal.subject,
                       jti=principal.jti, scope=scope)
             if not gone:
@@ -169,6 +230,22 @@ class Guard(Resource):
         d.addErrback(refused)
         d.addErrback(lambda f: log.failure("guard failed", f))
         return NOT_DONE_YET
+
+    def _granted(self, request: Request) -> Deferred[Principal] | None:
+        """The principal of the request's URL grant, if this guard takes them and it has one."""
+        if not self._grants or request.method not in (b"GET", b"HEAD"):
+            return None
+        _, _, query = request.uri.partition(b"?")
+        try:
+            text = grants.grant_in_query(query)
+            if text is None:
+                return None
+            assert isinstance(self._scope, str)
+            return succeed(self._auth.grant_principal(text, self._scope))
+        except grants.GrantError as e:
+            return fail(TokenError(e.description))
+        except TokenError as e:
+            return fail(e)
 
     def _report(self, request: Request, failure: Failure) -> None:
         if self._on_refused is None:

@@ -52,12 +52,14 @@ class IngestError(Exception):
 
 @attrs.frozen
 class IdentityChange:
-    """A stored instance changed patient identity (for the audit trail; no values)."""
+    """A stored instance changed patient identity (logged without values; audited with the new one)."""
 
     sop_instance_uid: str
     study_instance_uid: str
     calling_aet: str
     changes: tuple[str, ...]  # "instance patient identity", "study moved to another patient"
+    # As stored now: the new identity, for the audit trail; kept out of repr (never logged).
+    record: InstanceRecord = attrs.field(repr=False)
 
 
 @attrs.frozen
@@ -223,7 +225,7 @@ class Ingestor:
                 raise IngestError(OUT_OF_RESOURCES, f"cannot publish: {e.strerror}") from None
         if changes:
             self._identity_changed(IdentityChange(sop_instance_uid, record.study_instance_uid, calling_aet,
-                                                  tuple(changes)))
+                                                  tuple(changes), record))
         return Stored(record, generation, path, incoming.size)
 
     def _identity_changed(self, change: IdentityChange) -> None:

@@ -28,7 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from imageshare.audit.identity import served_record
 from imageshare.audit.trail import NO_AUDIT, AuditTrail
-from imageshare.auth.guard import principal_of
+from imageshare.auth.guard import grant_for, principal_of
 from imageshare.dicom import derived
 from imageshare.fairqueue import FairQueue, QueueFull
 from imageshare.interfaces import ICatalog
@@ -99,12 +99,15 @@ class Rad69Retriever:
         self._public_url = public_url
         self._repository_uid = repository_uid
 
-    def __call__(self, request: rad69.RetrieveRequest, patient: str | None = None) -> list[rad69.Outcome]:
+    def __call__(self, request: rad69.RetrieveRequest, patient: str | None = None,
+                 grants: Callable[[str], str | None] | None = None) -> list[rad69.Outcome]:
+        """``grants``: ``study_uid -> URL grant`` for JPIP-referenced headers' Pixel Data Provider URLs."""
         ours = self._repository_uid()
-        return [self._one(document, request.transfer_syntaxes, ours, patient) for document in request.documents]
+        return [self._one(document, request.transfer_syntaxes, ours, patient, grants)
+                for document in request.documents]
 
     def _one(self, document: rad69.DocumentRequest, syntaxes: tuple[str, ...], ours: str,
-             patient: str | None = None) -> rad69.Outcome:
+             patient: str | None = None, grants: Callable[[str], str | None] | None = None) -> rad69.Outcome:
         if document.repository_unique_id != ours:
             return rad69.Refused(document, XDS_UNKNOWN_REPOSITORY_ID,
                                  f"repository {document.repository_unique_id} is not this Imaging Document Source")
@@ -121,7 +124,7 @@ class Rad69Retriever:
                 return rad69.Refused(document, XDS_DOCUMENT_UNIQUE_ID_ERROR,
                                      "no such instance in the requested study and series")
             try:
-                produced = self._produce(row, syntaxes)
+                produced = self._produce(row, syntaxes, grants)
             except FileNotFoundError:
                 continue  # replaced meanwhile: the files read are gone, read the new ones
             if self._catalog.get_instance(row.sop_instance_uid) != row:
@@ -137,7 +140,8 @@ class Rad69Retriever:
             return rad69.Retrieved(document, syntax, data, served_record(self._catalog, row))
         return rad69.Refused(document, XDS_REPOSITORY_ERROR, "the instance changed while it was read; try again")
 
-    def _produce(self, row: InstanceRow, syntaxes: tuple[str, ...]) -> tuple[str, bytes] | None:
+    def _produce(self, row: InstanceRow, syntaxes: tuple[str, ...],
+                 grants: Callable[[str], str | None] | None = None) -> tuple[str, bytes] | None:
         wanted = rad69.candidates(syntaxes, streamable=row.state is State.STREAMABLE,
                                   original=row.transfer_syntax_uid)
         if not wanted:
@@ -153,15 +157,17 @@ class Rad69Retriever:
                 except ValueError:  # InvalidDicomError is one too: only the original can go
                     continue
             try:
-                return syntax, self._derive(row, original, syntax)
+                return syntax, self._derive(row, original, syntax, grants)
             except derived.DerivationError as e:
                 log.debug("{sop_instance_uid} cannot be produced in {syntax}: {reason}",
                           sop_instance_uid=row.sop_instance_uid, syntax=syntax, reason=str(e))
         return None
 
-    def _derive(self, row: InstanceRow, original: Any, syntax: str) -> bytes:
+    def _derive(self, row: InstanceRow, original: Any, syntax: str,
+                grants: Callable[[str], str | None] | None = None) -> bytes:
         if syntax in (rad69.JPIP_REFERENCED, rad69.JPIP_REFERENCED_DEFLATE):
-            url = derived.jpip_url(self._public_url, row.sop_instance_uid)
+            grant = grants(row.study_instance_uid) if grants is not None else None
+            url = derived.jpip_url(self._public_url, row.sop_instance_uid, grant)
             ds = derived.jpip_referenced(original, self._catalog.frames(row.sop_instance_uid), url)
         elif syntax == rad69.JPEG2000_LOSSLESS:
             codestreams = [(self._data_dir / f.codestream_path).read_bytes()
@@ -190,7 +196,8 @@ class Rad69Handler:
         self.max_body = max_body
         self._max_documents = max_documents
 
-    def __call__(self, content_type: str | None, body: bytes, patient: str | None = None) -> Answer:
+    def __call__(self, content_type: str | None, body: bytes, patient: str | None = None,
+                 grants: Callable[[str], str | None] | None = None) -> Answer:
         try:
             envelope = self._envelope(content_type, body)
         except soap.SoapFault as fault:
@@ -217,7 +224,12 @@ class Rad69Handler:
             refusals.info(("error",), "RAD-69 request error: {reason}", reason=str(e))
             payload, attachments = rad69.build_response([], request_error=str(e))
         else:
-            outcomes = self._retriever(request) if patient is None else self._retriever(request, patient=patient)
+            restrictions: dict[str, Any] = {}
+            if patient is not None:
+                restrictions["patient"] = patient
+            if grants is not None:
+                restrictions["grants"] = grants
+            outcomes = self._retriever(request, **restrictions)
             payload, attachments = rad69.build_response(outcomes)
             log.info("RAD-69: {found} of {requested} document(s) returned",
                      found=len(attachments), requested=len(outcomes))
@@ -299,6 +311,9 @@ class Rad69Resource(Resource):
         handler = self._handler
         if principal is not None and principal.patient is not None:
             handler = functools.partial(handler, patient=principal.patient)
+        issue = grant_for(request)
+        if issue is not None:  # JPIP-referenced headers' URLs carry a grant for their study
+            handler = functools.partial(handler, grants=issue)
         try:
             d = self._queue.submit(self._client_key(request), handler, content_type, body)
         except QueueFull as e:

@@ -39,7 +39,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from imageshare.audit.identity import served_record
 from imageshare.audit.trail import NO_AUDIT, AuditTrail
-from imageshare.auth.guard import principal_of
+from imageshare.auth.guard import grant_for, principal_of
 from imageshare.dicom import derived
 from imageshare.fairqueue import FairQueue, QueueFull
 from imageshare.interfaces import ICatalog
@@ -141,9 +141,16 @@ class WadoRetriever:
                 self._salt = bytes.fromhex(self._catalog.ensure_setting(SALT_SETTING, secrets.token_hex(32)))
             return self._salt
 
-    def __call__(self, query: WadoQuery, if_none_match: str | None = None, patient: str | None = None) -> Answer:
+    def __call__(self, query: WadoQuery, if_none_match: str | None = None, patient: str | None = None,
+                 study: str | None = None, grant: str | None = None) -> Answer:
+        """
+        ``patient``, ``study``: the principal sees only that patient's, or that study's,
+        objects (others answer as missing ones). ``grant``: a URL grant for the query's study,
+        put in a JPIP-referenced header's Pixel Data Provider URL; such an answer is one
+        principal's own, so it is neither cached nor given an ETag.
+        """
         for _ in range(_ATTEMPTS):
-            row = self._find(query, patient)
+            row = self._find(query, patient, study)
             try:
                 delivery = negotiate(
                     query,
@@ -151,24 +158,29 @@ class WadoRetriever:
                     streamable=row.state is State.STREAMABLE,
                     original_syntax=row.transfer_syntax_uid,
                 )
-                etag = self._etag(row, delivery)
-                if _etag_matches(if_none_match, etag):
+                personal = grant is not None and not delivery.rendered and delivery.transfer_syntax in JPIP_SYNTAXES
+                etag = None if personal else self._etag(row, delivery)
+                if etag is not None and _etag_matches(if_none_match, etag):
                     return Answer(304, etag=etag)
-                cached = self._cache.get(etag) if self._cache is not None else None
+                cached = self._cache.get(etag) if self._cache is not None and etag is not None else None
                 if cached is not None:
                     return Answer(200, cached[1], cached[0], etag, served_record(self._catalog, row))
-                body = self._rendered(row, delivery) if delivery.rendered else self._dicom(row, delivery)
+                body = self._rendered(row, delivery) if delivery.rendered else self._dicom(
+                    row, delivery, grant if personal else None)
             except FileNotFoundError:
                 continue  # re-received or transcoded meanwhile: the files read are replaced
             if self._catalog.get_instance(row.sop_instance_uid) == row:
-                if self._cache is not None:
+                if self._cache is not None and etag is not None:
                     self._cache.put(etag, delivery.content_type, body)
                 return Answer(200, body, delivery.content_type, etag, served_record(self._catalog, row))
         raise WadoError(503, "the object changed or its files are unavailable; try again")
 
-    def _find(self, query: WadoQuery, patient: str | None = None) -> InstanceRow:
+    def _find(self, query: WadoQuery, patient: str | None = None, study: str | None = None) -> InstanceRow:
         row = self._catalog.get_instance(query.object_uid)
         if row is None or (row.study_instance_uid, row.series_instance_uid) != (query.study_uid, query.series_uid):
+            raise WadoError(404, "no such object in this study and series")
+        if study is not None and row.study_instance_uid != study:
+            # A URL grant opens its one study; another answers exactly as a missing object.
             raise WadoError(404, "no such object in this study and series")
         if patient is not None and (self._patients is None
                                     or not self._patients.study_allowed(patient, row.study_instance_uid)):
@@ -199,7 +211,7 @@ class WadoRetriever:
 
     # --- application/dicom ----------------------------------------------------------------
 
-    def _dicom(self, row: InstanceRow, delivery: Delivery) -> bytes:
+    def _dicom(self, row: InstanceRow, delivery: Delivery, grant: str | None = None) -> bytes:
         syntax = delivery.transfer_syntax
         assert syntax is not None
         data = self._archive.path(row.path).read_bytes()
@@ -211,7 +223,7 @@ class WadoRetriever:
             raise WadoError(406, "the archived object cannot be parsed, only sent as it is") from None
         try:
             if syntax in JPIP_SYNTAXES:
-                url = derived.jpip_url(self._public_url, row.sop_instance_uid)
+                url = derived.jpip_url(self._public_url, row.sop_instance_uid, grant)
                 ds = derived.jpip_referenced(original, self._catalog.frames(row.sop_instance_uid), url)
             elif syntax == JPEG2000_LOSSLESS:
                 codestreams = [
@@ -347,8 +359,17 @@ class WadoResource(Resource):
         if_none_match = header.decode("latin-1") if header else None
         principal = principal_of(request)
         retriever = self._retriever
+        restrictions: dict[str, Any] = {}
         if principal is not None and principal.patient is not None:
-            retriever = functools.partial(retriever, patient=principal.patient)
+            restrictions["patient"] = principal.patient
+        if principal is not None and principal.study is not None:
+            restrictions["study"] = principal.study
+        issue = grant_for(request)
+        grant = issue(query.study_uid) if issue is not None else None
+        if grant is not None:
+            restrictions["grant"] = grant  # for a JPIP-referenced header's Pixel Data Provider URL
+        if restrictions:
+            retriever = functools.partial(retriever, **restrictions)
         try:
             d = self._queue.submit(self._client_key(request), retriever, query, if_none_match)
         except QueueFull as e:

@@ -14,6 +14,15 @@ that is not valid against the XDS.b / ebRS schemas (:mod:`imageshare.xds.schemas
 9 B) is refused before the section 9 checks: ITI-41 ``XDSRepositoryMetadataError``, ITI-42
 and ITI-18 ``XDSRegistryMetadataError``, ITI-43 ``XDSRepositoryError``.
 
+A token restricted to one patient (``patient``: its CX ``ID^^^&OID&ISO``, passed to
+:meth:`XdsEndpoint.repository` and :meth:`XdsEndpoint.registry` by :class:`SoapResource`)
+reads that patient's objects only, matched on the stored ``patientId``: another patient's
+registry objects are left out of ITI-18 answers as if they did not exist, and another
+patient's document is answered by ITI-43 exactly as an unknown one
+(``XDSDocumentUniqueIdError``). Such a token never writes: the guard refuses ITI-41/42 with
+403 before they get here, and these handlers refuse them again (HTTP 403) should one slip
+through (a Content-Type action that disagrees with the envelope's).
+
 A submission sent again (its answer was lost) is not registered twice: it gets Failure with
 ``XDSDuplicateUniqueIdInRegistry`` only, which is what a standard registry answers (ITI TF-3
 4.2.4) and what the outbox reads as "already registered".
@@ -31,6 +40,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from imageshare.audit.messages import MINOR_FAILURE, SUCCESS
 from imageshare.audit.trail import NO_AUDIT, AuditTrail
+from imageshare.auth import authorised_as_read
 from imageshare.auth.guard import principal_of
 from imageshare.logsafe import Logger
 from imageshare.web.clients import peer_address
@@ -63,6 +73,13 @@ class Answer:
     documents: tuple[tuple[str, str], ...] = attrs.field(default=(), eq=False, repr=False)
     #: Its audit outcome: 0, or 4 when some requested documents were not returned.
     outcome: int = attrs.field(default=SUCCESS, eq=False, repr=False)
+
+
+#: ITI-41/42 with a token restricted to one patient (the guard refuses them first).
+_PATIENT_WRITE_REFUSED = Answer(403, "text/plain; charset=utf-8",
+                                b"a token restricted to one patient cannot submit documents\n")
+_ACTION_NOT_AUTHORISED = Answer(403, "text/plain; charset=utf-8",
+                                b"the envelope's action is not the one the request was authorised for\n")
 
 
 def domain_authorities(xds_config: Any, location_uid: Callable[[], str]) -> Callable[[], frozenset[str]]:
@@ -155,12 +172,19 @@ class XdsEndpoint:
             raise soap.SoapFault("Sender", f"XML refused ({e.reason}): {e}") from None
         return soap.parse_envelope(root, request=True), attachments, is_mtom
 
-    def _dispatch(self, content_type: str, body: bytes, handlers: dict[str, Callable[..., Answer]]) -> Answer:
+    def _dispatch(self, content_type: str, body: bytes, handlers: dict[str, Callable[..., Answer]],
+                  patient: str | None, read: str | None = None) -> Answer:
         try:
             envelope, attachments, is_mtom = self._receive(content_type, body)
         except soap.SoapFault as fault:
             self.log.info("SOAP fault {code}: {reason}", code=fault.code, reason=fault.reason)
             return _fault(fault)
+        if read is not None and envelope.action != read:
+            # Let in with the read scope for the action its Content-Type or first bytes named:
+            # an envelope asking for anything else (a write) is refused.
+            self.log.info("SOAP request let in for {read} asks for {action}: refused", read=read,
+                          action=envelope.action)
+            return _ACTION_NOT_AUTHORISED
         handler = handlers.get(envelope.action or "")
         if handler is None:
             fault = soap.SoapFault(
@@ -169,7 +193,7 @@ class XdsEndpoint:
             self.log.info("SOAP fault: action {action} not served here", action=envelope.action)
             return _fault(fault, envelope.message_id)
         try:
-            return handler(envelope, attachments, is_mtom)
+            return handler(envelope, attachments, is_mtom, patient)
         except soap.SoapFault as fault:
             self.log.info("SOAP fault {code}: {reason}", code=fault.code, reason=fault.reason)
             return _fault(fault, envelope.message_id)
@@ -185,11 +209,16 @@ class XdsEndpoint:
 
     # ------------------------------------------------------------------ repository
 
-    def repository(self, content_type: str, body: bytes) -> Answer:
-        """Answer a POST to ``/xds/repository`` (ITI-41 or ITI-43)."""
-        return self._dispatch(content_type, body, {soap.ITI41: self._provide, soap.ITI43: self._retrieve})
+    def repository(self, content_type: str, body: bytes, *, patient: str | None = None,
+                   read: str | None = None) -> Answer:
+        """Answer a POST to ``/xds/repository`` (ITI-41 or ITI-43); ``patient``: the token's, if it names one."""
+        return self._dispatch(content_type, body, {soap.ITI41: self._provide, soap.ITI43: self._retrieve}, patient,
+                              read)
 
-    def _provide(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool) -> Answer:
+    def _provide(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool,
+                 patient: str | None) -> Answer:
+        if patient is not None:
+            return _PATIENT_WRITE_REFUSED
         self._expect(envelope, f"{{{md.XDS}}}ProvideAndRegisterDocumentSetRequest", mtom_required=True, is_mtom=is_mtom)
         invalid = schema_error(envelope.body, registry.REPOSITORY_METADATA_ERROR)
         documents: list[registry.Provided] = []
@@ -213,7 +242,8 @@ class XdsEndpoint:
         content_type, packaged = mtom.build(envelope_bytes, {})
         return Answer(200, content_type, packaged)
 
-    def _retrieve(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool) -> Answer:
+    def _retrieve(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool,
+                  patient: str | None) -> Answer:
         self._expect(envelope, f"{{{md.XDS}}}RetrieveDocumentSetRequest", mtom_required=True, is_mtom=is_mtom)
         uid = self._repository_uid()
         errors: list[RegistryError] = []
@@ -229,8 +259,8 @@ class XdsEndpoint:
             if repository != uid:
                 errors.append(RegistryError("XDSUnknownRepositoryId", "unknown repositoryUniqueId", repository))
                 continue
-            stored = self._store.document(document)
-            if stored is None:
+            stored = self._store.document(document, patient=patient)
+            if stored is None:  # or another patient's: the same answer
                 errors.append(RegistryError("XDSDocumentUniqueIdError", "no such document", document))
                 continue
             found.append((request, stored[1], stored[2]))
@@ -256,11 +286,16 @@ class XdsEndpoint:
 
     # ------------------------------------------------------------------ registry
 
-    def registry(self, content_type: str, body: bytes) -> Answer:
-        """Answer a POST to ``/xds/registry`` (ITI-42 or ITI-18)."""
-        return self._dispatch(content_type, body, {soap.ITI42: self._register, soap.ITI18: self._query})
+    def registry(self, content_type: str, body: bytes, *, patient: str | None = None,
+                 read: str | None = None) -> Answer:
+        """Answer a POST to ``/xds/registry`` (ITI-42 or ITI-18); ``patient``: the token's, if it names one."""
+        return self._dispatch(content_type, body, {soap.ITI42: self._register, soap.ITI18: self._query}, patient,
+                              read)
 
-    def _register(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool) -> Answer:
+    def _register(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool,
+                  patient: str | None) -> Answer:
+        if patient is not None:
+            return _PATIENT_WRITE_REFUSED
         self._expect(envelope, f"{{{md.LCM}}}SubmitObjectsRequest")
         invalid = schema_error(envelope.body, registry.METADATA_ERROR)
         try:
@@ -274,7 +309,8 @@ class XdsEndpoint:
         self.log.info("ITI-42: {outcome}", outcome=", ".join(e.code for e in errors) or "registered")
         return Answer(200, soap.SOAP12_CONTENT_TYPE, soap.build_response(soap.ITI42_RESPONSE, envelope.message_id, response))
 
-    def _query(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool) -> Answer:
+    def _query(self, envelope: soap.Envelope, attachments: mtom.Attachments, is_mtom: bool,
+               patient: str | None) -> Answer:
         self._expect(envelope, f"{{{registry.QUERY}}}AdhocQueryRequest")
         invalid = schema_error(envelope.body, registry.METADATA_ERROR)
         if invalid is not None:
@@ -285,16 +321,19 @@ class XdsEndpoint:
             )
         try:
             query = registry.parse_query(envelope.body)
-            response = registry.query_response(self._run(query), query.return_type)
+            response = registry.query_response(self._run(query, patient), query.return_type)
             self.log.info("ITI-18 {query_id}: {count} object(s)", query_id=query.query_id, count=len(response[0]))
         except registry.QueryError as e:
             response = registry.query_failure([RegistryError(e.code, e.context, "", Severity.ERROR)])
             self.log.info("ITI-18 refused: {code}", code=e.code)
         return Answer(200, soap.SOAP12_CONTENT_TYPE, soap.build_response(soap.ITI18_RESPONSE, envelope.message_id, response))
 
-    def _run(self, query: registry.StoredQuery) -> list[etree._Element]:
+    def _run(self, query: registry.StoredQuery, token_patient: str | None = None) -> list[etree._Element]:
+        """The objects a stored query finds; with ``token_patient``, that patient's only."""
         if query.query_id in (registry.FIND_DOCUMENTS, registry.FIND_DOCUMENTS_BY_REFERENCE_ID):
             patient, statuses = registry.find_documents_filters(query)
+            if token_patient is not None and patient != token_patient:
+                return []  # another patient's: as for a patient with no documents
             rows = [(e, s) for e, s in self._store.find_entries(patient, statuses) if registry.entry_matches(e, query)]
             return [registry.leaf_class(e.xml, s) for e, s in rows]
         if query.query_id == registry.GET_DOCUMENTS:
@@ -305,10 +344,15 @@ class XdsEndpoint:
                     "XDSStoredQueryParamNumber", "give $XDSDocumentEntryEntryUUID or $XDSDocumentEntryUniqueId"
                 )
             rows = self._store.entries(uuids=uuids, unique_ids=unique_ids)
-            return [registry.leaf_class(e.xml, s) for e, s in rows]
+            return [registry.leaf_class(e.xml, s) for e, s in rows
+                    if token_patient is None or e.patient_id == token_patient]
         uuids = query.values("$uuid")  # GetSubmissionSets
         if not uuids:
             raise registry.QueryError("XDSStoredQueryMissingParam", "$uuid is required")
+        if token_patient is not None:
+            # A submission set holds one patient's entries (checked on registration): keep the
+            # entries of the token's patient, and so only that patient's sets and associations.
+            uuids = [e.entry_uuid for e, _ in self._store.entries(uuids=uuids) if e.patient_id == token_patient]
         sets, associations = self._store.submission_sets_of(uuids)
         return [registry.leaf_class(xml, status) for xml, status in sets + associations]
 
@@ -320,7 +364,9 @@ class SoapResource(Resource):
     Parameters
     ----------
     handler
-        ``(content_type, body) -> Answer``; blocking.
+        ``(content_type, body, *, patient) -> Answer``; blocking. ``patient`` is the CX patient
+        ID the request's token is restricted to (``None``: not restricted, or access control
+        off): the handler must show that patient's objects only.
     pool
         Where ``handler`` runs.
     max_body
@@ -332,7 +378,7 @@ class SoapResource(Resource):
     isLeaf = True
     log = Logger(namespace="imageshare.xds")
 
-    def __init__(self, handler: Callable[[str, bytes], Answer], pool: WorkerPoolService, *, max_body: int = DEFAULT_MAX_BODY,
+    def __init__(self, handler: Callable[..., Answer], pool: WorkerPoolService, *, max_body: int = DEFAULT_MAX_BODY,
                  audit: AuditTrail = NO_AUDIT) -> None:
         super().__init__()
         self._audit = audit
@@ -349,7 +395,9 @@ class SoapResource(Resource):
         content_type = (request.getHeader(b"content-type") or b"").decode("latin-1")
         finished: list[Any] = []
         request.notifyFinish().addBoth(finished.append)
-        d = self._pool.run(self._handle, request.content, content_type)
+        principal = principal_of(request)
+        patient = principal.patient if principal is not None else None
+        d = self._pool.run(self._handle, request.content, content_type, patient, authorised_as_read(request))
 
         def respond(answer: Answer) -> None:
             if finished:
@@ -375,9 +423,9 @@ class SoapResource(Resource):
         d.addCallbacks(respond, fail)
         return NOT_DONE_YET
 
-    def _handle(self, content: Any, content_type: str) -> Answer:
+    def _handle(self, content: Any, content_type: str, patient: str | None, read: str | None) -> Answer:
         content.seek(0)
         body = content.read(self._max_body + 1)
         if len(body) > self._max_body:
             return Answer(413, "text/plain", b"request body exceeds the limit\n")
-        return self._handler(content_type, body)
+        return self._handler(content_type, body, patient=patient, read=read)

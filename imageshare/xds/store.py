@@ -242,12 +242,23 @@ class XdsStore(SqliteDatabase):
 
     # ------------------------------------------------------------------ reads
 
-    def document(self, unique_id: str) -> tuple[str, str, bytes] | None:
-        """(repositoryUniqueId, mimeType, bytes) of a stored document, or ``None``."""
+    def document(self, unique_id: str, *, patient: str | None = None) -> tuple[str, str, bytes] | None:
+        """
+        (repositoryUniqueId, mimeType, bytes) of a stored document, or ``None``.
+
+        ``patient`` given: ``None`` too unless the document's DocumentEntry has that patientId.
+        """
         with self._connection() as c:
-            row = c.execute(
-                "SELECT repository_unique_id, mime_type, data FROM documents WHERE unique_id=?", (unique_id,)
-            ).fetchone()
+            if patient is None:
+                row = c.execute(
+                    "SELECT repository_unique_id, mime_type, data FROM documents WHERE unique_id=?", (unique_id,)
+                ).fetchone()
+            else:
+                row = c.execute(
+                    "SELECT d.repository_unique_id, d.mime_type, d.data FROM documents d"
+                    " JOIN entries e ON e.unique_id = d.unique_id WHERE d.unique_id=? AND e.patient_id=?",
+                    (unique_id, patient),
+                ).fetchone()
         return (row[0], row[1], bytes(row[2])) if row else None
 
     def find_entries(self, patient_id: str, statuses: Sequence[str]) -> list[tuple[EntryRecord, str]]:

@@ -40,10 +40,12 @@ class HttpConnection:
         self.sock.connect(("127.0.0.1", port))
         self._buffer = b""
 
-    def send(self, *queries: str) -> None:
-        """Write GET requests for ``/jpip?<query>`` back to back (pipelined)."""
+    def send(self, *queries: str, headers: dict[str, str] | None = None) -> None:
+        """Write GET requests for ``/jpip?<query>`` back to back (pipelined); ``headers``
+        (e.g. ``Authorization``) go on each of them."""
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self.sock.sendall(
-            b"".join(f"GET /jpip?{q} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode("ascii") for q in queries)
+            b"".join(f"GET /jpip?{q} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode("ascii") for q in queries)
         )
 
     def _read(self, n: int = 65536) -> bytes:
@@ -99,11 +101,11 @@ class HttpConnection:
         self.sock.close()
 
 
-def get(port: int, query: str) -> HttpReply:
+def get(port: int, query: str, *, headers: dict[str, str] | None = None) -> HttpReply:
     """One request on a connection of its own (the session outlives HTTP connections)."""
     conn = HttpConnection(port)
     try:
-        conn.send(query)
+        conn.send(query, headers=headers)
         return conn.reply()
     finally:
         conn.close()

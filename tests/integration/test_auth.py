@@ -141,6 +141,16 @@ async def test_xds_scope_by_action(start_server, tmp_path: Path, keys: Keys) -> 
     assert (await get(f"{server.url}/xds/imaging-source", reader, method="POST", data=b"x"))[0] == 403
     assert (await get(f"{server.url}/xds/registry", method="POST", data=_envelope(soap.ITI18)))[0] == 401
 
+    # A write labelled as a read in the Content-Type is let in for the read, and refused by
+    # the endpoint, which acts on the envelope's own action.
+    for path, write in (("registry", soap.ITI42), ("repository", soap.ITI41)):
+        labelled = {"Content-Type": f'{soap.SOAP12_CONTENT_TYPE};action="{soap.ITI18}"'}
+        envelope = _envelope(write).replace(b"</s:Header>", b"<a:MessageID>urn:uuid:0</a:MessageID></s:Header>") \
+            .replace(b"<s:Body/>", b"<s:Body><x/></s:Body>")  # a well-formed request, up to its body
+        code, _, body = await get(f"{server.url}/xds/{path}", reader, method="POST", data=envelope,
+                                  headers=labelled)
+        assert code == 403 and b"authorised for" in body, (path, code, body)
+
 
 # -- a JWK Set over https on loopback -------------------------------------------------------
 

@@ -108,10 +108,11 @@ async def test_a_patient_token_sees_only_its_patient(start_server, tmp_path: Pat
     assert [e.split(":")[0] for e in hidden_r[1]] == [e.split(":")[0] for e in absent_r[1]]
     assert (await rad69_errors(b, everyone))[0] == 1
 
-    # The embedded XDS services do not filter by patient yet: such tokens are refused there.
+    # The embedded XDS services filter reads by patient (test_xds_patient_tokens.py); such a
+    # token cannot submit: 403.
     code, _, headers = await fetch(f"{server.url}/xds/registry", keys.token(
-        scope="xds.read", extensions={"ihe_bppc": {"patient_id": f"PAT-A^^^&{AUTHORITY}&ISO"}}), "POST",
-        data=b"<x/>", headers={"Content-Type": f'application/soap+xml; action="{soap.ITI18}"'})
+        scope="xds.read xds.write", extensions={"ihe_bppc": {"patient_id": f"PAT-A^^^&{AUTHORITY}&ISO"}}), "POST",
+        data=b"<x/>", headers={"Content-Type": f'application/soap+xml; action="{soap.ITI42}"'})
     assert code == 403 and b"insufficient_scope" in headers.getRawHeaders(b"www-authenticate")[0]
 
 

@@ -9,6 +9,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,12 +236,17 @@ async def test_replace_same_source(start_server, tmp_path: Path) -> None:
     """By default only the AE that stored an instance may replace it: another AE gets 0x0124
     and nothing changes, nor may it move the study to another patient with a new instance;
     the first sender's change of Patient ID is stored, logged at warning level without the
-    values, and reported to on_identity_change."""
+    values, reported to on_identity_change and audited (110110 Patient Record, U, naming the
+    patient the instance belongs to now)."""
     from pydicom import dcmread
+
+    from imageshare.audit.syslog import split_message
+    from tests.audit.schema import assert_valid
 
     server = await start_server()
     changes: list[Any] = []
-    server.service.ingestor.on_identity_change = changes.append
+    audited = server.service.ingestor.on_identity_change
+    server.service.ingestor.on_identity_change = lambda change: (changes.append(change), audited(change))
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
     first, second = make_instances(tmp_path / "in", 2, seed="replace")
@@ -265,6 +271,20 @@ async def test_replace_same_source(start_server, tmp_path: Path) -> None:
     assert len(warned) == 1
     text = repr(warned[0])
     assert "OTHER-ID" not in text and "Forged" not in text and dcmread(first).PatientID not in text
+
+    def patient_records() -> list[Any]:
+        lines = (server.data_dir / "audit.log").read_bytes().split(b"\n")
+        messages = [assert_valid(split_message(line)[1]) for line in lines if line]
+        return [m for m in messages if m.find("EventIdentification/EventID").get("csd-code") == "110110"]
+
+    for _ in range(100):  # the trail writes on its own thread
+        if patient_records():
+            break
+        await threads.deferToThread(time.sleep, 0.05)
+    (record,) = patient_records()
+    assert record.find("EventIdentification").get("EventActionCode") == "U"
+    assert [o.get("ParticipantObjectID") for o in record.iter("ParticipantObjectIdentification")
+            if o.get("ParticipantObjectTypeCodeRole") == "1"] == ["OTHER-ID"]
 
 
 @pytest_twisted.ensureDeferred

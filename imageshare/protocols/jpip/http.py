@@ -10,12 +10,15 @@ the channel's TCP connection (``tcp.py``).
 
 Pre-emption needs to hear of a request before Twisted, which holds pipelined requests
 back while a response streams, gets to it: :meth:`JpipResource.observe` is called by the
-site's HTTP channel with every request as soon as its bytes are in.
+site's HTTP channel with every request as soon as its bytes are in. That is before the
+guard has checked its token, so with access control on it checks the token itself
+(``authenticate``) and pre-empts only for the session's owner: anyone else presenting a
+channel id never cuts the owner's response (and gets 404 when its turn comes).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IPullProducer
@@ -35,6 +38,7 @@ from imageshare.web.cors import Cors, add_vary
 from imageshare.web.pipeline import ScannedRequest
 
 if TYPE_CHECKING:
+    from imageshare.auth.tokens import Principal
     from imageshare.protocols.jpip.tcp import AuxChannels
 
 log = Logger(namespace="imageshare.jpip")
@@ -136,6 +140,10 @@ class JpipResource(Resource):
         ``(patient, sop_instance_uid) -> Deferred[bool]``: whether a token naming
         ``patient`` may see the target (off the reactor); a target it may not see is
         answered exactly as a missing one. ``None``: such tokens see no target.
+    in_study
+        ``(study_uid, sop_instance_uid) -> Deferred[bool]``: whether the target is in the
+        one study a URL grant opens (off the reactor); others answer as missing ones.
+        ``None``: such principals see no target.
     audit
         Records the JPIP data served (110104 R): once per session and its target (the
         reply that first serves data in it), once per stateless request.
@@ -153,8 +161,13 @@ class JpipResource(Resource):
         client_key: ClientKey = peer_address,
         visible: Callable[[str, str], Deferred[bool]] | None = None,
         audit: AuditTrail = NO_AUDIT,
+        authenticate: "Callable[[bytes | None], Awaitable[Principal]] | None" = None,
+        in_study: Callable[[str, str], Deferred[bool]] | None = None,
     ) -> None:
         super().__init__()
+        self._in_study = in_study
+        # The guard's token check (Authenticator.authenticate), for early pre-emption; None: access control off.
+        self._authenticate = authenticate
         self._audit = audit  # ATNA 110104 R: the first data of each session (or stateless request)
         self._server = server
         self._visible = visible
@@ -185,8 +198,21 @@ class JpipResource(Resource):
             )
         except JpipRequestError:
             return  # answered with its error when its turn comes
-        if parsed.cid is not None and not parsed.wait:
-            self._server.preempt(parsed.cid, arrival)
+        if parsed.cid is None or parsed.wait:
+            return
+        if self._authenticate is None:
+            self._server.preempt(parsed.cid, arrival)  # access control off: no owners to tell apart
+            return
+        cid = parsed.cid
+        d = ensureDeferred(self._authenticate(headers.get(b"authorization")))
+
+        def authorised(principal: Principal) -> None:
+            # Only the session's owner cuts its running response; the arrival number keeps the
+            # order right however long the check took.
+            self._server.preempt(cid, arrival, f"{principal.issuer}\x00{principal.subject}")
+
+        # A bad token pre-empts nothing: the guard answers it when its turn comes.
+        d.addCallbacks(authorised, lambda _: None)
 
     def render_OPTIONS(self, request: Request) -> int:
         return self._cors.preflight(request)
@@ -199,7 +225,9 @@ class JpipResource(Resource):
 
     def _render(self, request: Request) -> Any:
         self._cors.apply(request)
-        request.setHeader(b"cache-control", b"no-cache")
+        granted = getattr(principal_of(request), "study", None) is not None
+        # An answer opened by a URL grant is the principal's own: never in a shared cache.
+        request.setHeader(b"cache-control", b"private, no-cache" if granted else b"no-cache")
         path_target = "/".join(p.decode("utf-8", "replace") for p in request.postpath) or None
         body = request.content.read() if request.method == b"POST" and request.content else None
         query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
@@ -223,7 +251,7 @@ class JpipResource(Resource):
             refusals.info(
                 (peer_address(request), "unknown"),
                 "ignored unknown JPIP request fields {fields}",
-                fields=list(parsed.unknown)[:20],
+                fields=[name for name in parsed.unknown if name != "grant"][:20],
             )
 
         gone: list[bool] = []
@@ -242,6 +270,14 @@ class JpipResource(Resource):
                     raise JpipError(404, "no such target, or it is not (yet) streamable")
             # A session belongs to the principal (issuer, subject) that opened it.
             owner = f"{principal.issuer}\x00{principal.subject}" if principal is not None else ""
+            study = principal.study if principal is not None else None
+            if study is not None:
+                # A URL grant opens its one study's targets only (others do not exist), and
+                # its sessions are its own: never the token holder's sessions on other studies.
+                owner += f"\x00{study}"
+                if parsed.target is not None and not (
+                        self._in_study is not None and await self._in_study(study, target_uid(parsed.target))):
+                    raise JpipError(404, "no such target, or it is not (yet) streamable")
             return await self._server.respond(parsed, arrival, self._client_key(request),
                                               _header(request, b"user-agent"), owner=owner)
 
