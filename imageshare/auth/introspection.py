@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any, Iterable, Mapping
 from urllib.parse import quote, urlencode
 
-from imageshare.auth.tokens import Policy, Principal, TokenError, _number, _patient, _string
+from imageshare.auth.tokens import Policy, Principal, TokenError, claim_number, claim_patient, claim_string
 
 __all__ = [
     "INACTIVE_TTL",
@@ -106,7 +106,7 @@ def principal_from_answer(answer: Mapping[str, Any], policy: Policy, now: float)
     if token_type is not None and (not isinstance(token_type, str)
                                    or token_type.lower() in ("refresh_token", "refresh", "id_token")):
         raise TokenError("the token is not an access token")
-    issuer = _string(answer, "iss", False)
+    issuer = claim_string(answer, "iss", False)
     if issuer is not None and issuer != policy.issuer:
         raise TokenError("the token is from another issuer")
     if "aud" in answer:
@@ -114,14 +114,14 @@ def principal_from_answer(answer: Mapping[str, Any], policy: Policy, now: float)
         audiences: Iterable[Any] = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if not any(isinstance(a, str) and a == policy.audience for a in audiences):
             raise TokenError("the token is not for this audience")
-    expires = _number(answer, "exp", False)
+    expires = claim_number(answer, "exp", False)
     if expires is not None and now > expires + policy.leeway:
         raise TokenError("the token has expired")
-    not_before = _number(answer, "nbf", False)
+    not_before = claim_number(answer, "nbf", False)
     if not_before is not None and now + policy.leeway < not_before:
         raise TokenError("the token is not valid yet")
-    client_id = _string(answer, "client_id", False)
-    subject = _string(answer, "sub", False) or _string(answer, "username", False) or client_id
+    client_id = claim_string(answer, "client_id", False)
+    subject = claim_string(answer, "sub", False) or claim_string(answer, "username", False) or client_id
     if subject is None:
         raise TokenError("the token names no subject")
     scope = answer.get("scope", "")
@@ -130,10 +130,10 @@ def principal_from_answer(answer: Mapping[str, Any], policy: Policy, now: float)
     return Principal(
         issuer=issuer or policy.issuer,
         subject=subject,
-        jti=_string(answer, "jti", False),
+        jti=claim_string(answer, "jti", False),
         client_id=client_id,
         scopes=frozenset(scope.split()),
-        patient=_patient(answer),
+        patient=claim_patient(answer),
         expires=expires if expires is not None else float("inf"),
     )
 

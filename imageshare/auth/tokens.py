@@ -31,6 +31,9 @@ __all__ = [
     "UnknownKey",
     "bearer_token",
     "challenge",
+    "claim_number",
+    "claim_patient",
+    "claim_string",
     "load_key_set",
     "verify",
 ]
@@ -176,7 +179,8 @@ def load_key_set(data: bytes) -> KeySet:
     return KeySet(keys)
 
 
-def _number(claims: Mapping[str, Any], name: str, required: bool) -> float | None:
+def claim_number(claims: Mapping[str, Any], name: str, required: bool) -> float | None:
+    """A numeric claim (NumericDate and the like), checked for type; also for introspection answers."""
     value = claims.get(name)
     if value is None:
         if required:
@@ -187,7 +191,8 @@ def _number(claims: Mapping[str, Any], name: str, required: bool) -> float | Non
     return float(value)
 
 
-def _string(claims: Mapping[str, Any], name: str, required: bool) -> str | None:
+def claim_string(claims: Mapping[str, Any], name: str, required: bool) -> str | None:
+    """A non-empty string claim, checked for type."""
     value = claims.get(name)
     if value is None:
         if required:
@@ -198,7 +203,8 @@ def _string(claims: Mapping[str, Any], name: str, required: bool) -> str | None:
     return value
 
 
-def _patient(claims: Mapping[str, Any]) -> str | None:
+def claim_patient(claims: Mapping[str, Any]) -> str | None:
+    """IUA's ``extensions.ihe_bppc.patient_id`` (affinity-domain CX), or ``None``."""
     extensions = claims.get("extensions")
     if extensions is None:
         return None
@@ -209,7 +215,7 @@ def _patient(claims: Mapping[str, Any]) -> str | None:
         return None
     if not isinstance(bppc, dict):
         raise TokenError("the token's ihe_bppc extension is not an object")
-    return _string(bppc, "patient_id", False)
+    return claim_string(bppc, "patient_id", False)
 
 
 def _check_header(header: Mapping[str, Any], policy: Policy) -> str:
@@ -287,25 +293,25 @@ def verify(token: str, keys: KeySet | None, policy: Policy, now: float) -> Princ
 
 def check_claims(claims: Mapping[str, Any], policy: Policy, now: float) -> Principal:
     """The claim checks of RFC 9068 section 4 on an already verified payload."""
-    issuer = _string(claims, "iss", True)
+    issuer = claim_string(claims, "iss", True)
     if issuer != policy.issuer:
         raise TokenError("the token is from another issuer")
     aud = claims.get("aud")
     audiences: Iterable[Any] = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
     if not any(isinstance(a, str) and a == policy.audience for a in audiences):
         raise TokenError("the token is not for this audience")
-    expires = _number(claims, "exp", True)
+    expires = claim_number(claims, "exp", True)
     assert expires is not None
     if now > expires + policy.leeway:
         raise TokenError("the token has expired")
-    not_before = _number(claims, "nbf", False)
+    not_before = claim_number(claims, "nbf", False)
     if not_before is not None and now + policy.leeway < not_before:
         raise TokenError("the token is not valid yet")
-    issued = _number(claims, "iat", True)
+    issued = claim_number(claims, "iat", True)
     assert issued is not None
     if now + policy.leeway < issued:
         raise TokenError("the token is issued in the future")
-    subject = _string(claims, "sub", True)
+    subject = claim_string(claims, "sub", True)
     assert subject is not None
     scope = claims.get("scope", "")
     if not isinstance(scope, str):
@@ -313,10 +319,10 @@ def check_claims(claims: Mapping[str, Any], policy: Policy, now: float) -> Princ
     return Principal(
         issuer=issuer,
         subject=subject,
-        jti=_string(claims, "jti", False),
-        client_id=_string(claims, "client_id", False),
+        jti=claim_string(claims, "jti", False),
+        client_id=claim_string(claims, "client_id", False),
         scopes=frozenset(scope.split()),
-        patient=_patient(claims),
+        patient=claim_patient(claims),
         expires=expires,
     )
 
