@@ -311,6 +311,26 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected yes or no, got {text!r}")
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """A parser for a keyword among ``choices`` (any case), refusing others in one line."""
+    listed = f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected {listed}, got {text!r}")
+        return value
+
+    return parse
+
+
+_tile_header_layout = _one_of("part9", "openjpeg")
+_log_level = _one_of("debug", "info", "warn", "error")
+_replace = _one_of("any", "same_source", "never")
+_unmapped = _one_of("domain", "reject")
+_auth_mode = _one_of("none", "bearer")
+
+
 def _ae_title(text: str) -> str:
     title = text.strip()
     if not _AE_TITLE.match(title) or not title.strip():
@@ -563,13 +583,6 @@ def _public_host(text: str) -> str | None:
     return host
 
 
-def _tile_header_layout(text: str) -> str:
-    layout = text.strip().lower()
-    if layout not in ("part9", "openjpeg"):
-        raise ValueError(f"expected part9 or openjpeg, got {text!r}")
-    return layout
-
-
 def _user_agent_prefixes(text: str) -> tuple[str, ...]:
     # Comma-separated (User-Agents hold spaces, never commas in practice). An empty item
     # would match every client: that is tile_header_layout = openjpeg, so say so.
@@ -587,13 +600,6 @@ def _user_agent_prefixes(text: str) -> tuple[str, ...]:
 
 def _optional_port(text: str) -> int | None:
     return _int_range(1, 65535)(text.strip()) if text.strip() else None
-
-
-def _log_level(text: str) -> str:
-    level = text.strip().lower()
-    if level not in ("debug", "info", "warn", "error"):
-        raise ValueError(f"expected debug, info, warn or error, got {text!r}")
-    return level
 
 
 def _optional_uid(text: str) -> str:
@@ -636,13 +642,6 @@ def _destinations(parser: configparser.ConfigParser, r: "_Reader") -> tuple[Dico
             raise ConfigError("dicom_destinations", key, str(e)) from None
         out.append(DicomDestination(aet, m.group(1).strip("[]"), int(m.group(2)), "tls" in options, "jpip" in options))
     return tuple(out)
-
-
-def _replace(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("any", "same_source", "never"):
-        raise ValueError(f"expected any, same_source or never, got {text!r}")
-    return value
 
 
 def _pin(text: str) -> bytes:
@@ -792,13 +791,6 @@ def _issuer_authorities(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _unmapped(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("domain", "reject"):
-        raise ValueError(f"expected domain or reject, got {text!r}")
-    return value
-
-
 def _xds(r: _Reader, public_url: str) -> XdsConfig:
     repository = r.get("xds", "repository_url", "embedded", _repository_url)
     codes = []
@@ -843,13 +835,6 @@ def _xds(r: _Reader, public_url: str) -> XdsConfig:
 # -- [auth] -----------------------------------------------------------------------------------
 
 _ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
-
-
-def _auth_mode(text: str) -> str:
-    value = text.strip().lower()
-    if value not in ("none", "bearer"):
-        raise ValueError(f"expected none or bearer, got {text!r}")
-    return value
 
 
 def _algorithms(text: str) -> tuple[str, ...]:

@@ -166,6 +166,23 @@ def _events(lines: list[bytes]) -> list[str]:
     return out
 
 
+
+def assert_delivered(received: list[bytes], logged: list[bytes]) -> None:
+    """At least once and in order: with repeats of a message already seen collapsed, the
+    repository got exactly the local log; every message is an RFC 5424 audit message (PRI
+    <85>, MSGID IHE+RFC-3881) valid against the schema."""
+    seen: set[bytes] = set()
+    unique = []
+    for line in received:
+        if line not in seen:
+            seen.add(line)
+            unique.append(line)
+    assert unique == logged
+    for line in received:
+        header, xml = split_message(line)
+        assert header[0] == "<85>1" and header[5] == "IHE+RFC-3881"
+        assert_valid(xml)
+
 @pytest_twisted.ensureDeferred
 async def test_rsyslog_receives_every_message(start_server, tmp_path: Path) -> None:
     """Every audit message of a session reaches rsyslog over TLS, valid, in order, none
@@ -196,19 +213,7 @@ async def test_rsyslog_receives_every_message(start_server, tmp_path: Path) -> N
         await _wait(lambda: server.service.audit.pending == 0, 60, "the spool to drain")
 
         local = [line for line in audit_log.read_bytes().split(b"\n") if line]
-        received = receiver.messages()
-        # At least once: collapse repeats of a message already seen; what is left is the local log, in order.
-        seen: set[bytes] = set()
-        unique = []
-        for line in received:
-            if line not in seen:
-                seen.add(line)
-                unique.append(line)
-        assert unique == local
-        for line in received:
-            header, xml = split_message(line)
-            assert header[0] == "<85>1" and header[5] == "IHE+RFC-3881"
-            assert_valid(xml)
+        assert_delivered(receiver.messages(), local)
         events = _events(local)
         assert events[0] == "110100"  # application start
         assert events.count("110104") == 3  # three instances stored
@@ -354,18 +359,7 @@ async def test_rsyslog_receives_the_served_and_refused_events(start_server, tmp_
         await _wait(lambda: audit.pending == 0, 20, "the spool to drain")
 
         logged = local()
-        received = receiver.messages()
-        seen: set[bytes] = set()
-        unique = []
-        for line in received:
-            if line not in seen:
-                seen.add(line)
-                unique.append(line)
-        assert unique == logged
-        for line in received:
-            header, xml = split_message(line)
-            assert header[0] == "<85>1" and header[5] == "IHE+RFC-3881"
-            assert_valid(xml)
+        assert_delivered(receiver.messages(), logged)
         events = _event_types(logged)
         ids = [event for event, _ in events]
         assert ids[0] == "110100"
